@@ -1,0 +1,158 @@
+"""The config schema: every key a run understands, with its default and why.
+
+Registered in Hydra's ConfigStore as `config_schema` and named first in `conf/config.yaml`, so a typo
+in a key or a value of the wrong type fails when the config is composed, with Hydra's own message,
+whether it comes from the command line or from a YAML file. The defaults are the baseline stage;
+`conf/stage/*.yaml` hold only what each stage changes.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class Attention(str, Enum):
+    manual = "manual"  # explicit causal mask + softmax, as in the GPT-2 paper
+    flash = "flash"  # F.scaled_dot_product_attention(is_causal=True): FlashAttention kernels on GPU
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda > mps > cpu
+    cuda = "cuda"
+    mps = "mps"
+    cpu = "cpu"
+
+
+class MatmulPrecision(str, Enum):
+    highest = "highest"  # true fp32 matmuls
+    high = "high"  # TF32 tensor cores on Ampere and newer
+    medium = "medium"  # bf16 internally where the backend allows
+
+
+class ComputeDtype(str, Enum):
+    fp32 = "fp32"  # no autocast
+    bf16 = "bf16"  # torch.autocast(dtype=torch.bfloat16) around forward and loss
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"  # linear warm-up, cosine decay to a floor (GPT-3)
+
+
+class DDPBackend(str, Enum):
+    auto = "auto"  # nccl on cuda, gloo on cpu
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class WandbMode(str, Enum):
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
+
+
+@dataclass
+class StageConfig:
+    name: str = "baseline"
+    adds: str = "fp32, explicit causal-mask attention, vocab 50257, AdamW(lr=3e-4) defaults, constant LR"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt2"  # preset: gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl, tiny
+    # null means "the preset's value"; set any of them to change one dimension of the preset
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    block_size: Optional[int] = None  # context length the position table covers (1024 for GPT-2)
+    vocab_size: Optional[int] = None  # 50257 for GPT-2; 50304 pads it to a multiple of 128
+    attention: Attention = Attention.manual
+    init_from: str = "scratch"  # or a Hugging Face name (gpt2, ...) or a folder written by transformers
+
+
+@dataclass
+class DataConfig:
+    name: str = "tiny_shakespeare"
+    url: str = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    sha256: Optional[str] = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    path: Optional[str] = None  # a local text file to use instead of downloading
+    cache_dir: str = "${oc.env:GPT2_SPEEDRUN_CACHE,~/.cache/gpt2-speedrun}"
+    max_chars: Optional[int] = None  # keep only the first N characters (smoke-test data sets)
+    val_fraction: float = 0.1  # the last 10% of tokens are held out for validation
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 3e-4  # the peak when a schedule is on
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # torch's defaults
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # torch AdamW's default, applied to every parameter
+    decay_2d_only: bool = False  # GPT-3: decay matrices and embeddings, never biases or LayerNorm gains
+    fused: bool = False  # the fused AdamW kernel, where the device supports it
+    momentum: float = 0.0  # SGD only
+    schedule: Schedule = Schedule.constant
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    grad_clip: Optional[float] = None  # clip the global grad norm to this value
+
+
+@dataclass
+class TrainConfig:
+    device: Device = Device.auto
+    seed: int = 1337
+    steps: int = 50  # optimizer steps; 0 only evaluates
+    batch_size: int = 16  # B, sequences per micro-batch per process
+    seq_len: Optional[int] = None  # T; null = the model's context (1024 for GPT-2)
+    total_batch_size: Optional[int] = None  # tokens per optimizer step; null = B * T * world size
+    matmul_precision: MatmulPrecision = MatmulPrecision.highest
+    autocast_dtype: ComputeDtype = ComputeDtype.fp32
+    compile: bool = False
+    timing_skip: int = 3  # first steps (allocator, autotuning, compilation) left out of ms/step
+    val_every: int = 0  # validation loss every N steps; 0 = at the end only
+    val_batches: int = 4  # micro-batches per validation
+    checkpoint_every: int = 0  # 0 = no periodic checkpoints (an interrupt still saves one)
+    resume: Optional[str] = None  # a checkpoint file or a run folder to continue
+    ddp_backend: DDPBackend = DDPBackend.auto
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.disabled
+    project: str = "gpt2-speedrun"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class SweepConfig:
+    # value overrides applied to one stage of a sweep, e.g. {"grad-accum": ["train.total_batch_size=8192"]}:
+    # lets a CPU-sized sweep scale the one stage whose setting does not fit a small machine
+    stage_overrides: Dict[str, List[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="config_schema", node=Config)

@@ -1,0 +1,247 @@
+"""GPT-2 in one file: config, blocks, the model, Hugging Face weights in and out, and sampling.
+
+The model knows nothing of training: no optimizer, no schedule, no device policy. Names follow the
+Hugging Face checkpoint (transformer.wte, transformer.h.0.attn.c_attn, ...) so weights map one to one.
+"""
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+GPT2_VOCAB_SIZE = 50257  # ids the GPT-2 tokenizer produces (50256 is <|endoftext|>)
+
+# name -> (n_layer, n_head, n_embd, block_size); the four GPT-2 sizes, and one for CPU tests
+PRESETS = {
+    "gpt2": (12, 12, 768, 1024),  # 124M
+    "gpt2-medium": (24, 16, 1024, 1024),  # 350M
+    "gpt2-large": (36, 20, 1280, 1024),  # 774M
+    "gpt2-xl": (48, 25, 1600, 1024),  # 1558M
+    "tiny": (2, 2, 64, 64),  # ~3.3M, nearly all of it the token table: seconds per step on a CPU
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context; rows of the position table
+    vocab_size: int = GPT2_VOCAB_SIZE  # rows of the token table; 50304 pads 50257 to a multiple of 128
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    attention: str = "manual"  # "manual" (explicit causal mask) or "flash" (scaled_dot_product_attention)
+    tokenizer_vocab_size: Optional[int] = None  # ids the tokenizer can emit; the rest is padding (None: all)
+
+    def __post_init__(self):
+        if self.attention not in ("manual", "flash"):
+            raise ValueError(f"attention must be 'manual' or 'flash', not {self.attention!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.tokenizer_vocab_size is None or self.tokenizer_vocab_size > self.vocab_size:
+            self.tokenizer_vocab_size = min(self.vocab_size, self.tokenizer_vocab_size or self.vocab_size)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        n_layer, n_head, n_embd, block_size = PRESETS[name]
+        sizes = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)
+        sizes.update({k: v for k, v in overrides.items() if v is not None})
+        sizes.setdefault("tokenizer_vocab_size", GPT2_VOCAB_SIZE)
+        return cls(**sizes)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.attention = config.attention
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        if self.attention == "manual":
+            mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+            self.register_buffer("mask", mask.view(1, 1, config.block_size, config.block_size), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.attention == "flash":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(~self.mask[:, :, :T, :T], float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # one matrix embeds tokens and scores them
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02) everywhere, zero biases; projections that add into the residual stream are
+        # scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth (two per block)
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, counted once even though tied; non_embedding leaves out the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward): 6N for the weights, 12*L*C*T for attention."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than the context of {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to each row of idx (B, T); padded ids are never drawn."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits, _ = self(context)
+            logits = logits[:, -1, : self.config.tokenizer_vocab_size].float() / max(temperature, 1e-8)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    # ---- Hugging Face weights: in and out --------------------------------------------------------
+
+    # Hugging Face's GPT-2 stores these as Conv1D weights, (in, out): transposed from nn.Linear's (out, in)
+    _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, vocab_size: Optional[int] = None,
+                        attention: str = "flash") -> "GPT":
+        """GPT-2 weights from the Hugging Face hub (gpt2 ... gpt2-xl) or a folder written by transformers.
+
+        vocab_size larger than the checkpoint's pads the token table (e.g. 50304); the padded rows are
+        the mean of the real ones, so each padded logit is the mean real logit and, by Jensen, the
+        padding can take at most pad/vocab of the probability mass (47/50257: under 0.001 nats of loss).
+        """
+        from transformers import GPT2LMHeadModel  # heavy import, only needed here
+
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        hc = hf.config
+        config = GPTConfig(block_size=hc.n_positions, vocab_size=max(vocab_size or hc.vocab_size, hc.vocab_size),
+                           n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, attention=attention,
+                           tokenizer_vocab_size=hc.vocab_size)
+        model = cls(config)
+        sd = model.state_dict()
+        with torch.no_grad():
+            for key, value in hf.state_dict().items():
+                if key.endswith(".attn.bias") or key.endswith(".attn.masked_bias") or key == "lm_head.weight":
+                    continue  # causal-mask buffers; lm_head is tied to wte
+                if key.endswith(cls._CONV1D):
+                    value = value.t()
+                if key == "transformer.wte.weight":
+                    sd[key][: hc.vocab_size].copy_(value)
+                    sd[key][hc.vocab_size:].copy_(value.mean(dim=0))
+                    continue
+                if sd[key].shape != value.shape:
+                    raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model {tuple(sd[key].shape)}")
+                sd[key].copy_(value)
+        return model
+
+    def save_hf(self, folder) -> None:
+        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads with the same logits."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        vocab = c.tokenizer_vocab_size  # padded rows are ours alone
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd,
+                                        n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        hf_sd = hf.state_dict()
+        with torch.no_grad():
+            for key, value in self.state_dict().items():
+                if key == "lm_head.weight" or key not in hf_sd:
+                    continue
+                value = value.detach().float().cpu()
+                if key.endswith(self._CONV1D):
+                    value = value.t()
+                if key == "transformer.wte.weight":
+                    value = value[:vocab]
+                hf_sd[key].copy_(value)
+        hf.tie_weights()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        hf.save_pretrained(folder)
+
+
+def gpt_config_from(model_cfg, tokenizer_vocab_size: int = GPT2_VOCAB_SIZE) -> GPTConfig:
+    """A GPTConfig from the `model` section of a run's config (preset plus any explicit sizes)."""
+    return GPTConfig.from_preset(
+        model_cfg.name, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd,
+        block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size,
+        attention=str(getattr(model_cfg.attention, "value", model_cfg.attention)),
+        tokenizer_vocab_size=tokenizer_vocab_size)

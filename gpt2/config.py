@@ -83,7 +83,7 @@ class DataConfig:
     url: str = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
     sha256: Optional[str] = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
     path: Optional[str] = None  # a local text file to use instead of downloading
-    cache_dir: str = "${oc.env:GPT2_SPEEDRUN_CACHE,~/.cache/gpt2-speedrun}"
+    cache_dir: str = "${oc.env:GPT2_SPEEDRUN_CACHE,'~/.cache/gpt2-speedrun'}"
     max_chars: Optional[int] = None  # keep only the first N characters (smoke-test data sets)
     val_fraction: float = 0.1  # the last 10% of tokens are held out for validation
 

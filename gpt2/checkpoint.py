@@ -1,0 +1,95 @@
+"""Checkpoints that survive a kill mid-write and load without unpickling arbitrary objects."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import UsageError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`.
+
+    A reader sees the old file or the new one, never half of one: a process killed mid-write leaves the
+    previous checkpoint (or summary) intact and only a stray temporary file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    # only torch draws random numbers in a run (initialisation, sampling); no numpy or python RNG is used
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, *, model, optimizer, step: int, data_state: dict, config_yaml: str,
+                    model_shape: dict) -> None:
+    """`step` is the number of optimizer steps done: the resumed run starts there."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "data": data_state,
+        "rng": rng_state(),
+        "config": config_yaml,
+        "model_shape": model_shape,
+    }
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def resolve_checkpoint_path(resume: str) -> Path:
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise UsageError(f"train.resume={resume}: no checkpoint at {path}; point it at a checkpoint file "
+                         f"or at a run folder that holds {CHECKPOINT_NAME}")
+    return path
+
+
+def load_checkpoint(resume: str, model_shape: Optional[dict] = None) -> dict:
+    """The checkpoint as saved, with tensors on the CPU; clear errors for corrupt or mismatched files."""
+    path = resolve_checkpoint_path(resume)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated zips and bad pickles
+        raise UsageError(f"train.resume={resume}: {path} is corrupt or truncated ({type(e).__name__}); "
+                         "point train.resume at an intact checkpoint") from None
+    missing = {"model", "optimizer", "step", "data", "rng", "config", "model_shape"} - set(state)
+    if missing:
+        raise UsageError(f"train.resume={resume}: {path} is not a gpt2-speedrun checkpoint "
+                         f"(missing {', '.join(sorted(missing))})")
+    if model_shape is not None and state["model_shape"] != model_shape:
+        diff = {k: (state["model_shape"].get(k), v) for k, v in model_shape.items()
+                if state["model_shape"].get(k) != v}
+        described = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
+        raise UsageError(f"train.resume={resume}: the checkpoint is for a different model ({described}); "
+                         "resume with the same model settings as the run that saved it")
+    return state

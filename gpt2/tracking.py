@@ -1,0 +1,44 @@
+"""Weights & Biases, optional and harmless: a logging failure warns once and never ends a run."""
+
+import logging
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger("gpt2.tracking")
+
+
+class WandbRun:
+    def __init__(self, cfg, run_dir):
+        self.run = None
+        mode = str(getattr(cfg.logger.wandb.mode, "value", cfg.logger.wandb.mode))
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            w = cfg.logger.wandb
+            self.run = wandb.init(mode=mode, project=w.project, entity=w.entity, name=w.name or cfg.stage.name,
+                                  dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True))
+        except Exception as e:  # no network, no login, a broken install: the run matters more
+            self._disable("start", e)
+
+    def _disable(self, what: str, error: Exception) -> None:
+        log.warning(f"wandb: could not {what} ({type(error).__name__}: {error}); continuing without it")
+        self.run = None
+
+    def log(self, record: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        except Exception as e:
+            self._disable("log", e)
+
+    def finish(self, summary: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.run.finish()
+        except Exception as e:
+            self._disable("finish", e)

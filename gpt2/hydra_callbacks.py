@@ -35,6 +35,6 @@ class SpeedrunCallbacks(Callback):
 
         try:
             paths = build_report([Path(config.hydra.sweep.dir)])
-            log.info(f"report: {paths['report.md'] if isinstance(paths, dict) and 'report.md' in paths else paths}")
+            log.info(f"report: {paths['md']}")
         except Exception as e:  # the runs are already on disk; `python -m gpt2.report DIR` can retry
             log.error(f"could not write the report: {type(e).__name__}: {e}")

@@ -3,6 +3,7 @@
 One console line per step, one JSON line per step in metrics.jsonl, nothing else printed by the loop.
 """
 
+import functools
 import json
 import statistics
 import time
@@ -65,7 +66,16 @@ def measure_matmul_tflops(device: torch.device, dtype: str, n: int = 1024, reps:
 
 
 def peak_tflops(device: torch.device, dtype: str) -> Tuple[float, str]:
-    """(peak TFLOP/s, 'datasheet' | 'measured') for MFU: the datasheet where we know the GPU, else measured."""
+    """(peak TFLOP/s, 'datasheet' | 'measured') for MFU: the datasheet where we know the GPU, else measured.
+
+    A measurement is made once per process and device, dtype and precision setting, so that the jobs of a
+    sweep share one yardstick instead of each catching the machine in a different mood.
+    """
+    return _peak_tflops(device, dtype, torch.get_float32_matmul_precision())
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_tflops(device: torch.device, dtype: str, precision: str) -> Tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, peaks in DATASHEET_TFLOPS:
@@ -74,7 +84,7 @@ def peak_tflops(device: torch.device, dtype: str) -> Tuple[float, str]:
         n = 4096
     else:
         n = 1024  # a 2-core CPU does ~0.2 TFLOP/s: keep the measurement to a few tens of ms
-    return measure_matmul_tflops(device, dtype, n=n), "measured"
+    return measure_matmul_tflops(device, dtype, n=n, reps=10), "measured"
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -140,10 +140,12 @@ class StopFlag:
 @torch.no_grad()
 def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, autocast, ranks,
              device) -> Optional[float]:
-    """Mean loss over the first `batches` micro-batches of the held-out split (the same ones every time)."""
+    """Mean loss over the first `batches` micro-batches of the held-out split (the same ones every time),
+    shared among the ranks so that N processes see the batches one process would."""
     batch_size = min(batch_size, (len(tokens) - 1) // seq_len)
     if batch_size < 1:
         return None  # held-out split shorter than one sequence
+    batches = max(1, math.ceil(batches / ranks.world_size))
     loader = TokenLoader(tokens, batch_size, seq_len, ranks.rank, ranks.world_size)
     model.eval()
     total = torch.zeros((), device=device)

@@ -1,0 +1,116 @@
+"""Composing the configs: stages accumulate, command-line overrides win, typos and bad types are refused."""
+
+import shutil
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+import gpt2.job  # noqa: F401  registers the schema and the shared_now resolver
+from conftest import REPO
+
+CONF = REPO / "conf"
+STAGES = ["baseline", "tf32", "bf16", "flash", "nice-vocab", "gpt3-optim", "grad-accum", "compile"]
+
+# what each stage adds, as (key, value) pairs; a stage must also carry everything before it
+ADDS = {
+    "baseline": [("train.matmul_precision", "highest"), ("train.autocast_dtype", "fp32"),
+                 ("model.attention", "manual"), ("model.vocab_size", None), ("optim.name", "adamw"),
+                 ("optim.lr", 3e-4), ("optim.betas", [0.9, 0.999]), ("optim.schedule", "constant"),
+                 ("optim.grad_clip", None), ("optim.fused", False), ("train.batch_size", 16),
+                 ("train.seq_len", None), ("train.total_batch_size", None), ("train.compile", False)],
+    "tf32": [("train.matmul_precision", "high")],
+    "bf16": [("train.autocast_dtype", "bf16")],
+    "flash": [("model.attention", "flash")],
+    "nice-vocab": [("model.vocab_size", 50304)],
+    "gpt3-optim": [("optim.betas", [0.9, 0.95]), ("optim.eps", 1e-8), ("optim.weight_decay", 0.1),
+                   ("optim.decay_2d_only", True), ("optim.fused", True), ("optim.schedule", "cosine"),
+                   ("optim.lr", 6e-4), ("optim.min_lr_ratio", 0.1), ("optim.grad_clip", 1.0)],
+    "grad-accum": [("train.total_batch_size", 524288)],
+    "compile": [("train.compile", True)],
+}
+
+
+def compose_with(overrides, config_dir=CONF):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def lookup(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    value = getattr(node, "value", node)  # enums compare by their string
+    return list(value) if hasattr(value, "__len__") and not isinstance(value, str) else value
+
+
+def expected_settings(stage):
+    settings = {}
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        settings.update(dict(ADDS[name]))
+    return settings
+
+
+def test_every_stage_file_is_listed():
+    assert sorted(p.stem for p in (CONF / "stage").glob("*.yaml")) == sorted(STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_carries_every_earlier_stage(stage):
+    cfg = compose_with([f"+stage={stage}"])
+    assert cfg.stage.name == stage
+    for key, expected in expected_settings(stage).items():
+        assert lookup(cfg, key) == expected, f"{stage}: {key}"
+
+
+def test_no_stage_is_the_baseline():
+    bare, baseline = compose_with([]), compose_with(["+stage=baseline"])
+    assert bare == baseline
+
+
+def test_command_line_beats_the_stage():
+    cfg = compose_with(["+stage=flash", "model.attention=manual", "train.batch_size=4"])
+    assert lookup(cfg, "model.attention") == "manual"
+    assert cfg.train.batch_size == 4
+    assert lookup(cfg, "train.autocast_dtype") == "bf16"  # the rest of the stage stays
+
+
+def test_model_presets_compose():
+    for name in ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"]:
+        assert compose_with([f"model={name}"]).model.name == name
+
+
+def test_typo_in_a_command_line_key_is_refused():
+    with pytest.raises(ConfigCompositionException, match="bath_size"):
+        compose_with(["+stage=flash", "train.bath_size=4"])
+
+
+def test_typo_in_a_yaml_key_is_refused(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "stage" / "typo.yaml").write_text("# @package _global_\ndefaults:\n  - flash\n  - _self_\n"
+                                              "train:\n  matmul_precison: high\n")
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="matmul_precison"):
+        compose_with(["+stage=typo"], config_dir=conf)
+
+
+@pytest.mark.parametrize("override", ["train.batch_size=sixteen", "model.attention=flesh", "train.device=tpu",
+                                      "optim.lr=fast"])
+def test_wrong_type_or_value_is_refused(override):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_with([override])
+
+
+def test_unknown_stage_is_refused():
+    with pytest.raises(MissingConfigException, match="stage"):
+        compose_with(["+stage=warp-speed"])
+
+
+def test_cpu_sweep_scales_only_grad_accum():
+    cfg = compose_with(["+sweep=speedup_cpu", "+stage=grad-accum"])
+    scaled = gpt2.job.with_stage_overrides(cfg)
+    assert cfg.train.total_batch_size == 524288  # the stage as written
+    assert scaled.train.total_batch_size == 16384  # 32 micro-steps of B=8, T=64, as on a GPU
+    flash = compose_with(["+sweep=speedup_cpu", "+stage=flash"])
+    assert gpt2.job.with_stage_overrides(flash) == flash

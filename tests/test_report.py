@@ -1,0 +1,241 @@
+"""The speed-up report, built from synthetic run folders (no training, no GPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from gpt2.report import CSV_COLUMNS, build_report, load_runs, main
+
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = "python run.py -m +stage=baseline,tf32,bf16,flash"
+
+
+def make_run(folder: Path, name: str, stage: str, tok=None, status="ok", error=None, device="NVIDIA H100 80GB HBM3",
+             job=None, steps=5, summary=True, **extra) -> Path:
+    """Write one run folder the way the training loop does: summary.json and metrics.jsonl."""
+    run = folder / name
+    run.mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    tokens_per_step = extra.pop("tokens_per_step", 16384)
+    ms = tokens_per_step / tok * 1000 if tok else None
+    data = {"stage": stage, "adds": f"what {stage} adds", "status": status, "error": error, "device": device,
+            "device_type": "cpu" if device == "cpu" else "cuda", "torch_version": "2.5.1",
+            "cuda_version": None if device == "cpu" else "12.4", "model": "gpt2", "batch_size": 16, "seq_len": 1024,
+            "world_size": 1, "steps": steps, "steps_measured": steps - 3, "tokens_per_step": tokens_per_step,
+            "grad_accum_steps": 1, "ms_per_step": ms, "ms_per_step_min": ms and ms * 0.9,
+            "ms_per_step_max": ms and ms * 1.2, "tokens_per_sec": tok, "mfu": 0.25 if tok else None,
+            "mfu_peak_tflops": 989.4, "mfu_peak_source": "datasheet", "compute_dtype": "bf16",
+            "final_loss": 6.5 if tok else None, "val_loss": None, "peak_mem_gib": 14.2 if tok else None,
+            "peak_mem_kind": "cuda max allocated", "job_num": job, "command": COMMAND,
+            "started_at": "2026-11-25T10:00:00+00:00", "finished_at": "2026-11-25T10:05:00+00:00",
+            "effective": {"attention": "flash"}}
+    data.update(extra)
+    if summary:
+        (run / "summary.json").write_text(json.dumps(data))
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(steps if tok else 2):
+            f.write(json.dumps({"step": step, "loss": 11.0 - step * 0.5, "lr": 3e-4, "grad_norm": 1.0,
+                                "ms": ms or 1.0, "tokens_per_sec": tok or 0.0}) + "\n")
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """baseline 100k tok/s, tf32 200k, bf16 failed, flash 500k."""
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100_000.0)
+    make_run(folder, "1_tf32", "tf32", 200_000.0)
+    make_run(folder, "2_bf16", "bf16", None, status="failed",
+             error="Traceback (most recent call last):\n  File x\nRuntimeError: CUDA out of | memory")
+    make_run(folder, "3_flash", "flash", 500_000.0)
+    return folder
+
+
+def test_rows_follow_job_numbers_not_alphabet(tmp_path):
+    folder = tmp_path / "sweep"
+    names = ["10_grad-accum", "9_compile", "2_bf16", "0_baseline", "1_tf32"]
+    for name in names:
+        make_run(folder, name, name.split("_", 1)[1], 1000.0)
+    df = load_runs(folder)
+    assert list(df["stage"]) == ["baseline", "tf32", "bf16", "compile", "grad-accum"]
+    assert list(df["job"]) == [0, 1, 2, 9, 10]
+
+
+def test_job_num_from_summary_when_folder_has_no_prefix(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "b", "flash", 300.0, job=3)
+    make_run(folder, "a", "tf32", 200.0, job=1)
+    make_run(folder, "c", "baseline", 100.0, job=0)
+    assert list(load_runs(folder)["stage"]) == ["baseline", "tf32", "flash"]
+
+
+def test_single_run_folder(tmp_path):
+    run = make_run(tmp_path, "outputs_run", "flash", 400_000.0, job=0)
+    df = load_runs(run)
+    assert list(df["stage"]) == ["flash"] and df["speedup_vs_baseline"].iloc[0] == 1.0  # first ok row
+
+
+def test_speedups_are_tok_per_sec_ratios_and_skip_failed(sweep):
+    df = load_runs(sweep).set_index("stage")
+    assert df.loc["tf32", "speedup_vs_baseline"] == pytest.approx(2.0)
+    assert df.loc["flash", "speedup_vs_baseline"] == pytest.approx(5.0)
+    assert df.loc["baseline", "speedup_vs_baseline"] == pytest.approx(1.0)
+    assert pd.isna(df.loc["baseline", "speedup_vs_prev"])
+    assert df.loc["tf32", "speedup_vs_prev"] == pytest.approx(2.0)
+    assert df.loc["flash", "speedup_vs_prev"] == pytest.approx(2.5)  # vs tf32: bf16 failed
+    assert df.loc["flash", "prev_stage"] == "tf32"
+    assert pd.isna(df.loc["bf16", "speedup_vs_baseline"]) and pd.isna(df.loc["bf16", "speedup_vs_prev"])
+
+
+def test_speedup_uses_tok_per_sec_not_ms_with_grad_accum(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100_000.0)
+    make_run(folder, "1_grad-accum", "grad-accum", 110_000.0, tokens_per_step=524288, grad_accum_steps=32)
+    df = load_runs(folder)
+    assert df["speedup_vs_baseline"].iloc[1] == pytest.approx(1.1)
+
+
+def test_baseline_falls_back_to_first_ok_row(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", None, status="failed", error="boom")
+    make_run(folder, "1_tf32", "tf32", 200_000.0)
+    make_run(folder, "2_bf16", "bf16", 300_000.0)
+    df = load_runs(folder)
+    assert list(df["baseline_stage"].unique()) == ["tf32"]
+    assert df["speedup_vs_baseline"].iloc[2] == pytest.approx(1.5)
+    md = build_report([folder])["md"].read_text()
+    assert "against stage `tf32` (first ok stage" in md
+
+
+def test_report_files_and_failed_row(sweep):
+    paths = build_report([sweep])
+    assert set(paths) == {"md", "csv", "png"} and all(p.is_file() for p in paths.values())
+    assert paths["md"].parent == sweep
+    md = paths["md"].read_text()
+    flash = next(line for line in md.splitlines() if line.startswith("| 3 | flash"))
+    assert "5.00x" in flash and "2.50x (vs tf32)" in flash and "500,000" in flash
+    bf16 = next(line for line in md.splitlines() if line.startswith("| 2 | bf16"))
+    assert "| nan |" not in md and "failed" in bf16 and "Traceback" not in bf16
+    assert "RuntimeError: CUDA out of \\| memory" in bf16  # last line of the traceback, pipe escaped
+    for fact in ("NVIDIA H100 80GB HBM3", "2.5.1", "12.4", "**B:** 16", "**T:** 1024", "**steps measured:** 2",
+                 "2026-11-25", COMMAND):
+        assert fact in md
+    csv = pd.read_csv(paths["csv"])
+    assert list(csv.columns) == CSV_COLUMNS
+    assert list(csv["stage"]) == ["baseline", "tf32", "bf16", "flash"]
+    assert csv.loc[3, "speedup_vs_baseline"] == pytest.approx(5.0)
+    assert csv.loc[3, "tokens_per_sec"] == 500000.0
+    assert csv.loc[2, "status"] == "failed" and "CUDA out of" in csv.loc[2, "error"]
+    assert set(csv["folder"]) == {"."} and csv.loc[0, "run_dir"] == "0_baseline"
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_varying_batch_size_becomes_a_column(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100.0, batch_size=16)
+    make_run(folder, "1_flash", "flash", 200.0, batch_size=32)
+    md = build_report([folder])["md"].read_text()
+    assert "**B:** varies (see table)" in md
+    assert "| job | stage | adds | B |" in md
+
+
+def test_incomplete_runs_are_shown_not_fatal(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100.0)
+    make_run(folder, "1_tf32", "tf32", None, status="running")
+    make_run(folder, "2_bf16", "bf16", None, summary=False)  # killed hard: no summary.json
+    (folder / "not_a_run").mkdir()
+    (folder / "multirun.yaml").write_text("hydra: {}\n")
+    df = load_runs(folder)
+    assert list(df["stage"]) == ["baseline", "tf32", "bf16"]
+    assert list(df["status"]) == ["ok", "incomplete", "incomplete"]
+    assert "incomplete" in build_report([folder])["md"].read_text()
+
+
+def test_two_folders_give_a_device_comparison(tmp_path):
+    gpu, cpu = tmp_path / "gpu", tmp_path / "cpu"
+    for folder, device, tok in ((cpu, "cpu", 1_000.0), (gpu, "NVIDIA H100 80GB HBM3", 18_000.0)):
+        make_run(folder, "0_baseline", "baseline", tok, device=device)
+        make_run(folder, "1_tf32", "tf32", tok * 2, device=device)
+    make_run(gpu, "2_flash", "flash", 90_000.0)
+    out = tmp_path / "out"
+    paths = build_report([cpu, gpu], out_dir=out)
+    md = paths["md"].read_text()
+    assert "## Device vs device" in md
+    assert "| stage | tok/s cpu | tok/s NVIDIA H100 80GB HBM3 | NVIDIA H100 80GB HBM3 / cpu |" in md
+    assert "| baseline | 1,000 | 18,000 | 18.00x |" in md
+    assert "| flash |  | 90,000 |  |" in md
+    assert "NVIDIA H100 80GB HBM3 is 18.0x faster than cpu" in md
+    csv = pd.read_csv(paths["csv"])
+    assert list(csv["folder"]) == ["../cpu"] * 2 + ["../gpu"] * 3
+    assert list(csv["device_label"].unique()) == ["cpu", "NVIDIA H100 80GB HBM3"]
+    # the slower device is the reference whatever the folder order, so the ratio reads "18x faster"
+    md = build_report([gpu, cpu], out_dir=out)["md"].read_text()
+    assert "| stage | tok/s NVIDIA H100 80GB HBM3 | tok/s cpu | NVIDIA H100 80GB HBM3 / cpu |" in md
+    assert "| baseline | 18,000 | 1,000 | 18.00x |" in md
+
+
+def test_equal_devices_are_told_apart_by_folder(tmp_path):
+    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    make_run(a, "0_baseline", "baseline", 100.0, device="cpu")
+    make_run(b, "0_baseline", "baseline", 150.0, device="cpu")
+    md = build_report([a, b])["md"].read_text()
+    assert "| baseline | 100 | 150 | 1.50x |" in md
+    assert "tok/s cpu (a)" in md and "tok/s cpu (b)" in md
+
+
+def test_report_is_deterministic(sweep, tmp_path):
+    other = tmp_path / "cpu"
+    make_run(other, "0_baseline", "baseline", 500.0, device="cpu")
+    first = {k: p.read_bytes() for k, p in build_report([sweep, other]).items()}
+    second = {k: p.read_bytes() for k, p in build_report([sweep, other]).items()}
+    assert first == second
+
+
+def test_reference_table_is_separate_and_labelled(sweep):
+    md = build_report([sweep])["md"].read_text()
+    ref = md[md.index("## Published reference figures (not measured here)"):]
+    assert "published figures, not measured here" in ref
+    assert "seed README, H100, ms/step" in ref and "build-nanogpt video, A100, ms/step" in ref
+    assert "| baseline | ~400 | ~1000 |" in ref and "| nice-vocab | ~58 | ~93 |" in ref
+    assert "~400" not in md[:md.index("## Published reference")]  # never mixed with measured columns
+
+
+def test_cli_missing_folder_is_one_line_error(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not found" in err and "nope" in err
+
+
+def test_cli_empty_folder_is_an_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no runs" in err
+
+
+def test_cli_writes_into_out(sweep, tmp_path, capsys):
+    out = tmp_path / "elsewhere"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    assert (out / "report.md").is_file() and (out / "report.png").is_file()
+    assert not (sweep / "report.md").exists()
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_module_entrypoint_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gpt2.report", str(tmp_path / "missing")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_matches_api_byte_for_byte_in_a_fresh_process(sweep):
+    """A fresh interpreter (other hash seed, other memory layout) writes the same bytes as this one."""
+    first = {k: p.read_bytes() for k, p in build_report([sweep]).items()}
+    proc = subprocess.run([sys.executable, "-m", "gpt2.report", str(sweep)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert {k: (sweep / f"report.{k}").read_bytes() for k in first} == first

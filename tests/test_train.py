@@ -1,0 +1,102 @@
+"""The training loop in-process on a tiny model: gradient accumulation, schedule, weight decay, summaries."""
+
+import math
+
+import pytest
+import torch
+
+from gpt2.checkpoint import CHECKPOINT_NAME
+from gpt2.model import GPT, GPTConfig
+from gpt2.optim import build_optimizer, lr_at
+from gpt2.train import train
+from test_config import compose_with
+
+
+def run_train(tmp_path, shakespeare_path, *overrides, name="run"):
+    """Compose like `python run.py <overrides>` and run the loop into tmp_path/name; returns the summary."""
+    cfg = compose_with(["model=tiny", "train.device=cpu", f"data.path={shakespeare_path}",
+                        f"data.cache_dir={tmp_path / 'cache'}", "train.val_batches=1", *overrides])
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    summary = {"stage": cfg.stage.name}
+    train(cfg, run_dir, summary)
+    return summary, run_dir
+
+
+def saved_weights(run_dir):
+    return torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["model"]
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, shakespeare_path):
+    # plain SGD with lr=1 and no decay: the weights after one step are the start minus the gradient,
+    # so equal weights mean equal gradients
+    common = ["optim.name=sgd", "optim.lr=1.0", "optim.weight_decay=0", "train.steps=1", "train.seq_len=32",
+              "train.checkpoint_every=1"]
+    big, big_dir = run_train(tmp_path, shakespeare_path, *common, "train.batch_size=8", name="big")
+    acc, acc_dir = run_train(tmp_path, shakespeare_path, *common, "train.batch_size=2",
+                             "train.total_batch_size=256", name="accumulated")
+    assert acc["grad_accum_steps"] == 4 and big["grad_accum_steps"] == 1
+    assert acc["tokens_per_step"] == big["tokens_per_step"] == 256
+    assert acc["final_loss"] == pytest.approx(big["final_loss"], rel=1e-6)
+    w_big, w_acc = saved_weights(big_dir), saved_weights(acc_dir)
+    torch.manual_seed(1337)  # the runs' seed: the weights they started from
+    start = GPT(GPTConfig.from_preset("tiny")).state_dict()
+    for key in w_big:
+        torch.testing.assert_close(w_acc[key], w_big[key], rtol=0, atol=2e-6, msg=key)
+        step = (w_big[key] - start[key]).abs().max().item()
+        assert step > 1e-4, f"{key} did not move: the comparison would be empty"
+
+
+def test_total_batch_must_divide(tmp_path, shakespeare_path):
+    from gpt2.errors import UsageError
+
+    with pytest.raises(UsageError, match="train.total_batch_size=1000 is not divisible by B\\*T\\*world"):
+        run_train(tmp_path, shakespeare_path, "train.batch_size=2", "train.seq_len=32",
+                  "train.total_batch_size=1000")
+
+
+def test_cosine_schedule():
+    cfg = compose_with(["+stage=gpt3-optim"]).optim  # lr 6e-4, warm-up 10, floor 10%
+    total = 50
+    assert lr_at(0, cfg, total) == pytest.approx(6e-4 / 10)  # warm-up starts above zero
+    assert lr_at(4, cfg, total) == pytest.approx(6e-4 * 5 / 10)
+    assert lr_at(9, cfg, total) == pytest.approx(6e-4)  # last warm-up step reaches the peak
+    assert lr_at(10, cfg, total) == pytest.approx(6e-4)  # decay starts at the peak
+    assert lr_at(30, cfg, total) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # half way: the mid-point
+    assert lr_at(total, cfg, total) == pytest.approx(6e-5)  # the floor
+    assert lr_at(total + 100, cfg, total) == pytest.approx(6e-5)
+    decay = [lr_at(s, cfg, total) for s in range(10, total)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    constant = compose_with([]).optim
+    assert {lr_at(s, constant, total) for s in (0, 10, 49)} == {3e-4}
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(GPTConfig.from_preset("tiny"))
+    gpt3 = build_optimizer(model, compose_with(["+stage=gpt3-optim"]).optim, torch.device("cpu"))
+    decayed, plain = gpt3.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decayed["params"]} >= {"transformer.wte.weight", "transformer.wpe.weight",
+                                                          "transformer.h.0.attn.c_attn.weight"}
+    assert "transformer.ln_f.weight" in {names[id(p)] for p in plain["params"]}
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert tuple(decayed["betas"]) == (0.9, 0.95)
+    baseline = build_optimizer(model, compose_with([]).optim, torch.device("cpu"))
+    assert len(baseline.param_groups) == 1 and baseline.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_summary_figures_are_consistent(tmp_path, shakespeare_path):
+    s, run_dir = run_train(tmp_path, shakespeare_path, "+stage=tf32", "train.steps=4", "train.batch_size=2",
+                           "train.timing_skip=2")
+    assert s["status"] == "ok" and s["steps"] == 4 and s["steps_measured"] == 2
+    assert s["ms_per_step_min"] <= s["ms_per_step"] <= s["ms_per_step_max"]
+    assert s["tokens_per_sec"] == pytest.approx(s["tokens_per_step"] / (s["ms_per_step"] / 1000))
+    assert 0 < s["mfu"] < 1 and s["mfu_peak_source"] == "measured"
+    assert math.isfinite(s["final_loss"]) and math.isfinite(s["val_loss"])
+    assert s["effective"]["matmul_precision"] == "high"
+    assert s["effective"]["tf32"] is False and "no effect" in " ".join(s["effective"]["notes"])
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    steps = [line for line in lines if '"loss"' in line]
+    assert len(steps) == 4

@@ -13,7 +13,10 @@ log = logging.getLogger("gpt2.sweep")
 
 
 def _refuse_used_folder(folder: str, key: str) -> None:
-    # runs before Hydra writes .hydra/ or the log file into the folder, so nothing is overwritten
+    # runs before Hydra writes .hydra/ or the log file into the folder, so nothing is overwritten; under
+    # torchrun only rank 0 looks (the others would find its fresh summary); if it refuses, torchrun stops them
+    if not distributed.ranks_from_env().is_main:
+        return
     status = earlier_run_in(Path(folder))
     if status is not None:
         print(f"error: {folder} already holds a run (status: {status}); nothing was overwritten. "

@@ -10,6 +10,7 @@ import gc
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -55,7 +56,9 @@ def resolve_device(requested: str, ranks: distributed.Ranks) -> torch.device:
 
 def configure_torch(cfg, device: torch.device) -> None:
     """Set every global flag this run depends on: a multirun's earlier job must leave nothing behind."""
-    torch._dynamo.reset()  # compiled graphs and guards of the previous job
+    dynamo = sys.modules.get("torch._dynamo")  # torch.compile imports it; importing it here would cost ~1 s
+    if dynamo is not None:
+        dynamo.reset()  # compiled graphs and guards of the previous job
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -296,7 +299,8 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
         "grad_clip": cfg.optim.grad_clip,
         "grad_accum_steps": grad_accum,
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-        "compiled": isinstance(model, torch._dynamo.eval_frame.OptimizedModule),
+        "compiled": "torch._dynamo" in sys.modules
+                    and isinstance(model, sys.modules["torch._dynamo"].eval_frame.OptimizedModule),
         "notes": [],
     }
     if device.type != "cuda" and effective["matmul_precision"] != "highest":

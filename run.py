@@ -17,5 +17,9 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     sys.argv += distributed.hydra_overrides_for_rank(distributed.ranks_from_env())
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a signal during set-up, or a second Ctrl-C; summary.json says "interrupted"
+        print("interrupted: stopped at once; nothing was saved after the last checkpoint", file=sys.stderr)
+        sys.exit(130)
     sys.exit(job.exit_code())

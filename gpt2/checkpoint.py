@@ -1,15 +1,19 @@
 """Checkpoints that survive a kill mid-write and load without unpickling arbitrary objects."""
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+from omegaconf import OmegaConf
 
 from .errors import UsageError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+log = logging.getLogger("gpt2.checkpoint")
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -80,8 +84,8 @@ def load_checkpoint(resume: str, model_shape: Optional[dict] = None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated zips and bad pickles
-        raise UsageError(f"train.resume={resume}: {path} is corrupt or truncated ({type(e).__name__}); "
-                         "point train.resume at an intact checkpoint") from None
+        raise UsageError(f"train.resume={resume}: {path} is corrupt or truncated, or holds more than tensors "
+                         f"({type(e).__name__}); point train.resume at an intact checkpoint") from None
     missing = {"model", "optimizer", "step", "data", "rng", "config", "model_shape"} - set(state)
     if missing:
         raise UsageError(f"train.resume={resume}: {path} is not a gpt2-speedrun checkpoint "
@@ -93,3 +97,38 @@ def load_checkpoint(resume: str, model_shape: Optional[dict] = None) -> dict:
         raise UsageError(f"train.resume={resume}: the checkpoint is for a different model ({described}); "
                          "resume with the same model settings as the run that saved it")
     return state
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """{'a.b': value} for a nested dict."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, child in node.items()
+            for k, v in _flat(child, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def config_changes(saved_yaml: str, run_yaml: str) -> list:
+    """'key: old -> new' for every setting (train.resume aside) in which this run differs from the saved one."""
+    old, new = (_flat(OmegaConf.to_container(OmegaConf.create(y))) for y in (saved_yaml, run_yaml))
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+            if k != "train.resume" and old.get(k) != new.get(k)]
+
+
+def resume_into(resume: str, *, model, optimizer, loader, model_shape: dict, config_yaml: str) -> dict:
+    """Restore model, optimizer, data position and RNG from train.resume; {'resumed_from', 'start_step'}."""
+    path = resolve_checkpoint_path(resume)
+    state = load_checkpoint(resume, model_shape)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # other parameter names, groups or optimizer
+        raise UsageError(f"train.resume={resume}: the checkpoint does not fit this run's model or optimizer "
+                         f"({str(e).strip().splitlines()[0]}); resume with the stage and settings of the run "
+                         "that saved it") from None
+    loader.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    changes = config_changes(state["config"], config_yaml)
+    if changes:
+        log.warning(f"train.resume: this run's settings differ from the saved run's, so it will not continue "
+                    f"exactly as that run would have: {'; '.join(changes)}")
+    return {"resumed_from": str(path), "start_step": state["step"]}

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import struct
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from gpt2 import tokenizer
+from gpt2.checkpoint import atomic_write_bytes
 from gpt2.config import DataConfig
 from gpt2.errors import UsageError
 
@@ -35,24 +35,6 @@ CACHE_HEADER = struct.Struct("<8sQ32s")  # magic, token count, sha256 of the pay
 
 def _sha256(data) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data) -> None:
-    """Write bytes so that `path` is either absent, the old file, or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # unique temp names: ranks writing the same file at once do not collide
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # -----------------------------------------------------------------------------
@@ -97,7 +79,7 @@ def _download(name: str, url: str, dest: Path, sha256) -> bytes:
         raise UsageError(f"checksum mismatch for {url}: got sha256 {_sha256(data)}, expected {sha256} "
                          f"(data.sha256); retry, or download it yourself and pass data.path=FILE")
     try:
-        _atomic_write(dest, data)
+        atomic_write_bytes(dest, lambda f: f.write(data))
     except OSError as e:
         raise UsageError(f"cannot write {dest} ({e.strerror}); set data.cache_dir "
                          f"(or GPT2_SPEEDRUN_CACHE) to a writable folder") from None
@@ -149,7 +131,7 @@ def _write_token_cache(path: Path, tokens: np.ndarray) -> None:
     payload = tokens.astype("<u2", copy=False).tobytes()
     header = CACHE_HEADER.pack(CACHE_MAGIC, len(tokens), hashlib.sha256(payload).digest())
     try:
-        _atomic_write(path, header + payload)
+        atomic_write_bytes(path, lambda f: f.write(header + payload))
     except OSError as e:  # the tokens are in hand: a read-only cache only costs re-tokenizing next time
         log.warning("could not cache the tokens in %s (%s)", path, e.strerror)
 

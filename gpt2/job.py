@@ -5,10 +5,12 @@ a job raises. So a job never raises: it records its failure in summary.json, the
 process exits non-zero at the end (`exit_code`).
 """
 
+import contextlib
 import datetime
 import json
 import logging
 import shlex
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -63,7 +65,8 @@ def new_summary(cfg, hydra_cfg) -> dict:
         "tokens_per_step": None, "grad_accum_steps": None,
         "ms_per_step": None, "ms_per_step_min": None, "ms_per_step_max": None, "tokens_per_sec": None,
         "mfu": None, "mfu_peak_tflops": None, "mfu_peak_source": None, "final_loss": None, "val_loss": None,
-        "peak_mem_gib": None, "job_num": hydra_cfg.job.num if multirun else None,
+        "peak_mem_gib": None, "resumed_from": None, "start_step": 0,
+        "job_num": hydra_cfg.job.num if multirun else None,
         "command": command_line(), "overrides": list(hydra_cfg.overrides.task),
         "started_at": now_utc(), "finished_at": None,
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
@@ -76,6 +79,24 @@ def _log_traceback_to_file(message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def _stop_at_once(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_stops_at_once():
+    """SIGTERM outside the training steps (set-up, final validation) stops like a Ctrl-C there: at once, but
+    with summary.json saying "interrupted". Inside the steps train.StopFlag finishes the step and saves."""
+    previous = None
+    with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
+        previous = signal.signal(signal.SIGTERM, _stop_at_once)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_job(cfg, train_fn) -> dict:
@@ -92,13 +113,15 @@ def run_job(cfg, train_fn) -> dict:
         if _sweep_interrupted:
             summary.update(status="interrupted", error="not run: an earlier job of this sweep was interrupted")
         else:
-            train_fn(cfg, run_dir, summary)
+            with sigterm_stops_at_once():
+                train_fn(cfg, run_dir, summary)
     except UsageError as e:
         summary.update(status="failed", error=str(e))
         code = UsageError.exit_code
         log.error(f"error: {e}")
     except KeyboardInterrupt:
-        summary.update(status="interrupted", error="stopped at once by a second Ctrl-C (no checkpoint)")
+        summary.update(status="interrupted", error="stopped at once (a signal outside the training steps, or a "
+                                                   "second Ctrl-C): nothing was saved after the last checkpoint")
         _sweep_interrupted = True
         raise
     except Exception as e:  # out of memory, a kernel missing on this device, a bug: record it, go on

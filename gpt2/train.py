@@ -56,6 +56,11 @@ def resolve_device(requested: str, ranks: distributed.Ranks) -> torch.device:
 
 def configure_torch(cfg, device: torch.device) -> None:
     """Set every global flag this run depends on: a multirun's earlier job must leave nothing behind."""
+    # native bf16 needs compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also counts emulation
+    if value(cfg.train.autocast_dtype) == "bf16" and device.type == "cuda" \
+            and torch.cuda.get_device_capability(device)[0] < 8:
+        raise UsageError(f"train.autocast_dtype=bf16, but {torch.cuda.get_device_name(device)} has no bf16 "
+                         "support: use train.autocast_dtype=fp32 (stages before bf16), or a newer GPU")
     dynamo = sys.modules.get("torch._dynamo")  # torch.compile imports it; importing it here would cost ~1 s
     if dynamo is not None:
         dynamo.reset()  # compiled graphs and guards of the previous job
@@ -67,13 +72,10 @@ def configure_torch(cfg, device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = precision != "highest"
     torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
     metrics.reset_peak_memory(device)
-    if value(cfg.train.autocast_dtype) == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"train.autocast_dtype=bf16, but {torch.cuda.get_device_name(device)} has no bf16 "
-                         "support: use train.autocast_dtype=fp32 (stages before bf16), or a newer GPU")
 
 
-def check_config(cfg, gpt_config: GPTConfig, ranks: distributed.Ranks) -> None:
-    """Catch the values Hydra's types cannot: sizes, ranges, and how they fit together."""
+def check_config(cfg, ranks: distributed.Ranks) -> GPTConfig:
+    """Catch the values Hydra's types cannot: sizes, ranges, and how they fit together; the model's config."""
     t, o = cfg.train, cfg.optim
     positive = {"train.batch_size": t.batch_size, "train.seq_len": t.seq_len, "train.val_batches": t.val_batches,
                 "train.total_batch_size": t.total_batch_size, "optim.lr": o.lr, "model.n_layer": cfg.model.n_layer,
@@ -90,6 +92,12 @@ def check_config(cfg, gpt_config: GPTConfig, ranks: distributed.Ranks) -> None:
             raise UsageError(f"{key}={v} must not be negative")
     if cfg.model.name not in PRESETS:
         raise UsageError(f"model.name={cfg.model.name} is not a preset: choose one of {', '.join(PRESETS)}")
+    preset = dict(zip(("n_layer", "n_head", "n_embd", "block_size"), PRESETS[cfg.model.name]))
+    n_head, n_embd = cfg.model.n_head or preset["n_head"], cfg.model.n_embd or preset["n_embd"]
+    if n_embd % n_head:
+        raise UsageError(f"model.n_head={n_head} does not divide model.n_embd={n_embd}: choose a number of "
+                         "heads that divides the width")
+    gpt_config = gpt_config_from(cfg.model)
     seq_len = t.seq_len or gpt_config.block_size
     if seq_len > gpt_config.block_size:
         raise UsageError(f"train.seq_len={seq_len} is longer than the model's context of {gpt_config.block_size}: "
@@ -99,6 +107,7 @@ def check_config(cfg, gpt_config: GPTConfig, ranks: distributed.Ranks) -> None:
         raise UsageError(f"train.total_batch_size={t.total_batch_size} is not divisible by B*T*world = "
                          f"{t.batch_size}*{seq_len}*{ranks.world_size} = {micro_tokens}: use a multiple of "
                          f"{micro_tokens}, or change train.batch_size / train.seq_len")
+    return gpt_config
 
 
 def build_model(cfg, device: torch.device) -> GPT:
@@ -169,8 +178,7 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
     summary.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                    device_type=device.type, world_size=ranks.world_size)
     configure_torch(cfg, device)
-    gpt_config = gpt_config_from(cfg.model)
-    check_config(cfg, gpt_config, ranks)
+    gpt_config = check_config(cfg, ranks)
     distributed.init_process_group(ranks, value(cfg.train.ddp_backend), device)
 
     # data: every rank reads its own share of the same chunks a single process would read
@@ -196,15 +204,13 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     model_shape = {k: getattr(raw_model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     start_step = 0
     if cfg.train.resume:
-        state = checkpoint.load_checkpoint(cfg.train.resume, model_shape)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        train_loader.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"])
-        start_step = state["step"]
-        log.info(f"resumed from {cfg.train.resume} at step {start_step}")
+        summary.update(checkpoint.resume_into(cfg.train.resume, model=raw_model, optimizer=optimizer,
+                                              loader=train_loader, model_shape=model_shape, config_yaml=config_yaml))
+        start_step = summary["start_step"]
+        log.info(f"resumed from {summary['resumed_from']} at step {start_step}")
 
     dtype = metrics.compute_dtype(device, bf16)
     peak, peak_source = metrics.peak_tflops(device, dtype)
@@ -216,13 +222,15 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
         log.info(f"{summary['stage']}: {summary['params']:,} parameters on {summary['device']} x{W}, "
                  f"B={B} T={T}, {total_batch:,} tokens/step = {grad_accum} micro-step(s)")
 
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    saved_step = None
 
     def save(step: int) -> None:
-        if ranks.is_main:
+        nonlocal saved_step
+        if ranks.is_main and step != saved_step:
             checkpoint.save_checkpoint(run_dir / checkpoint.CHECKPOINT_NAME, model=raw_model, optimizer=optimizer,
                                        step=step, data_state=train_loader.state_dict(), config_yaml=config_yaml,
                                        model_shape=model_shape)
+        saved_step = step
 
     def validate(step: int) -> Optional[float]:
         val = evaluate(model, val_tokens, B, T, cfg.train.val_batches, autocast, ranks, device)
@@ -259,15 +267,19 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
             optimizer.step()
             metrics.synchronize(device)
             ms = (time.perf_counter() - t0) * 1000
-            last_loss, steps_done = loss_accum.item(), step + 1
-            if not math.isfinite(last_loss):
+            step_loss, step_norm = loss_accum.item(), norm.item()
+            if not (math.isfinite(step_loss) and math.isfinite(step_norm)):  # this step's update ruined the weights
                 status = "diverged"
-                summary.update(diverged_at_step=step, error=f"loss became {last_loss} at step {step}; "
-                               "lower optim.lr or turn on optim.grad_clip")
+                what = (f"loss became {step_loss}" if not math.isfinite(step_loss)
+                        else f"gradient norm became {step_norm}")
+                kept = f"; the last good checkpoint (step {saved_step}) is kept in {run_dir}" if saved_step else ""
+                summary.update(diverged_at_step=step, error=f"{what} at step {step}; lower optim.lr or turn on "
+                               f"optim.grad_clip{kept}")
                 log.error(summary["error"])
                 break
+            last_loss, steps_done = step_loss, step + 1
             step_ms.append(ms)
-            record = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": norm.item(), "ms": ms,
+            record = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": step_norm, "ms": ms,
                       "tokens_per_sec": total_batch / (ms / 1000)}
             if step_log:
                 step_log.step(record, W)
@@ -280,6 +292,7 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                 status = "interrupted"
                 save(steps_done)
                 summary["error"] = f"stopped by a signal after step {step}; resume with train.resume={run_dir}"
+                log.warning(summary["error"])
                 break
 
     if status == "ok":

@@ -1,6 +1,7 @@
 """Sanity checks from "Let's reproduce GPT-2 (124M)": the loss of a fresh model, and reproducible samples."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -57,3 +58,12 @@ def test_sample_command_reads_a_run_folder(tmp_path, shakespeare_path):
                            "train.checkpoint_every=1")
     samples = sample_cli("--init", str(run_dir), "--num-samples", "2", "--max-new-tokens", "4", "--prompt", "ROMEO:")
     assert len(samples) == 2 and all(s.startswith(">> ROMEO:") for s in samples)
+
+
+def test_gpt2_means_the_hub_even_beside_our_package_folder():
+    # from the repository root "gpt2" is also our package's folder; offline, the hub cannot answer
+    result = subprocess.run([sys.executable, "-m", "gpt2.sample", "--init", "gpt2"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "huggingface" in result.stderr.lower() or "cached" in result.stderr.lower(), result.stderr
+    assert "directory gpt2" not in result.stderr

@@ -116,7 +116,9 @@ def _missing(v) -> bool:
 
 
 def _fmt(v, spec="{}"):
-    return "" if _missing(v) else spec.format(v)
+    if _missing(v):
+        return ""
+    return f"{v:.4g}" if spec == "{}" and isinstance(v, float) else spec.format(v)
 
 
 def _short_error(err) -> str:
@@ -137,7 +139,7 @@ def _md_table(header, rows, right=()) -> str:
 
 
 def _uniques(series):
-    return sorted({str(v) for v in series if not _missing(v)})
+    return sorted({_fmt(v) for v in series if not _missing(v)})
 
 
 def _ratio(x) -> str:

@@ -100,3 +100,26 @@ def test_summary_figures_are_consistent(tmp_path, shakespeare_path):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     steps = [line for line in lines if '"loss"' in line]
     assert len(steps) == 4
+
+
+def test_a_failing_logger_never_ends_the_run(tmp_path, shakespeare_path, monkeypatch, caplog):
+    import wandb
+
+    class BrokenRun:
+        summary = {}
+
+        def log(self, *args, **kwargs):
+            raise ConnectionError("wandb server unreachable")
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: BrokenRun())
+    s, _ = run_train(tmp_path, shakespeare_path, "logger.wandb.mode=offline", "train.steps=2", "train.batch_size=2")
+    assert s["status"] == "ok" and s["steps"] == 2
+    assert "wandb: could not log (ConnectionError: wandb server unreachable)" in caplog.text
+
+    def refuse(**kwargs):
+        raise RuntimeError("no API key")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    s, _ = run_train(tmp_path, shakespeare_path, "logger.wandb.mode=online", "train.steps=1", "train.batch_size=2",
+                     name="run2")
+    assert s["status"] == "ok" and "wandb: could not start (RuntimeError: no API key)" in caplog.text

@@ -12,12 +12,12 @@ import logging
 import shlex
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from . import distributed
 from .checkpoint import atomic_write_bytes
@@ -52,7 +52,13 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 def with_stage_overrides(cfg):
     """The config with the sweep's overrides for this stage applied (see SweepConfig)."""
     extra = cfg.sweep.stage_overrides.get(cfg.stage.name)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(extra))) if extra else cfg
+    if not extra:
+        return cfg
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(extra)))
+    except OmegaConfBaseException as e:  # a typo in a key, a value of the wrong type
+        raise UsageError(f"sweep.stage_overrides.{cfg.stage.name}={list(extra)}: {str(e).splitlines()[0]}; "
+                         "use the keys of gpt2/config.py with values of their type") from None
 
 
 def new_summary(cfg, hydra_cfg) -> dict:
@@ -104,12 +110,13 @@ def run_job(cfg, train_fn) -> dict:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     ranks = distributed.ranks_from_env()
-    cfg = with_stage_overrides(cfg)
     summary = new_summary(cfg, hydra_cfg)
     if ranks.is_main:
         write_summary(run_dir, summary)  # "running": a process killed hard is never mistaken for a finished run
     code = 1
     try:
+        cfg = with_stage_overrides(cfg)
+        summary["config"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         if _sweep_interrupted:
             summary.update(status="interrupted", error="not run: an earlier job of this sweep was interrupted")
         else:
@@ -125,7 +132,8 @@ def run_job(cfg, train_fn) -> dict:
         _sweep_interrupted = True
         raise
     except Exception as e:  # out of memory, a kernel missing on this device, a bug: record it, go on
-        summary.update(status="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        summary.update(status="failed", error=f"{type(e).__name__}: {first_line}")
         log.error(f"{summary['stage']} failed: {summary['error']} (traceback in {run_dir / 'run.log'})")
         _log_traceback_to_file(f"{summary['stage']} failed")
     finally:

@@ -116,24 +116,26 @@ def steady_state(step_ms: List[float], skip: int) -> Tuple[float, float, float, 
     return statistics.median(kept), min(kept), max(kept), len(kept)
 
 
+def mfu(flops_per_token: float, tokens_per_sec: float, world_size: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation of one device: tok/s counts every rank, the peak is one device's."""
+    return flops_per_token * tokens_per_sec / world_size / (peak_tflops * 1e12)
+
+
 class StepLog:
     """metrics.jsonl and the console line, as build-nanogpt prints it; only the main process has one."""
 
-    def __init__(self, folder: Path, log, flops_per_token: float, peak_flops: float):
+    def __init__(self, folder: Path, log, flops_per_token: float, peak_tflops: float):
         self.path = Path(folder) / "metrics.jsonl"
         self.log = log
         self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
-
-    def mfu(self, tokens_per_sec: float, world_size: int) -> float:
-        return self.flops_per_token * tokens_per_sec / world_size / self.peak_flops
+        self.peak_tflops = peak_tflops
 
     def step(self, record: dict, world_size: int) -> None:
-        mfu = self.mfu(record["tokens_per_sec"], world_size)
+        utilisation = mfu(self.flops_per_token, record["tokens_per_sec"], world_size, self.peak_tflops)
         self.log.info(
             f"step {record['step']:5d} | loss {record['loss']:.6f} | lr {record['lr']:.4e} | "
             f"norm {record['grad_norm']:.4f} | dt {record['ms']:.2f} ms | "
-            f"tok/sec {record['tokens_per_sec']:,.0f} | mfu {100 * mfu:.2f}%")
+            f"tok/sec {record['tokens_per_sec']:,.0f} | mfu {100 * utilisation:.2f}%")
         self.append(record)
 
     def append(self, record: dict) -> None:

@@ -214,7 +214,7 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
 
     dtype = metrics.compute_dtype(device, bf16)
     peak, peak_source = metrics.peak_tflops(device, dtype)
-    step_log = metrics.StepLog(run_dir, log, raw_model.flops_per_token(T), peak * 1e12) if ranks.is_main else None
+    step_log = metrics.StepLog(run_dir, log, raw_model.flops_per_token(T), peak) if ranks.is_main else None
     tracker = WandbRun(cfg, run_dir) if ranks.is_main else None
     summary.update(compute_dtype=dtype, mfu_peak_tflops=peak, mfu_peak_source=peak_source,
                    params=raw_model.num_params(non_embedding=False))
@@ -316,7 +316,7 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                     and isinstance(model, sys.modules["torch._dynamo"].eval_frame.OptimizedModule),
         "notes": [],
     }
-    if device.type != "cuda" and effective["matmul_precision"] != "highest":
+    if device.type != "cuda" and effective["matmul_precision"] == "high":
         effective["notes"].append(f"matmul_precision={effective['matmul_precision']} selects TF32 tensor cores, "
                                   f"which {device.type} does not have: no effect here")
     if effective_autocast is None and bf16:
@@ -327,7 +327,7 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
         tokens_per_sec = total_batch / (median / 1000)
         summary.update(ms_per_step=median, ms_per_step_min=low, ms_per_step_max=high, steps_measured=n,
                        tokens_per_sec=tokens_per_sec,
-                       mfu=raw_model.flops_per_token(T) * tokens_per_sec / W / (peak * 1e12))
+                       mfu=metrics.mfu(raw_model.flops_per_token(T), tokens_per_sec, W, peak))
     mem, kind = metrics.peak_memory_gib(device)
     summary.update(peak_mem_gib=mem, peak_mem_kind=kind)
     if tracker:

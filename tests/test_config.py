@@ -114,3 +114,11 @@ def test_cpu_sweep_scales_only_grad_accum():
     assert scaled.train.total_batch_size == 16384  # 32 micro-steps of B=8, T=64, as on a GPU
     flash = compose_with(["+sweep=speedup_cpu", "+stage=flash"])
     assert gpt2.job.with_stage_overrides(flash) == flash
+
+
+def test_a_typo_in_a_stage_override_is_a_usage_error():
+    from gpt2.errors import UsageError
+
+    cfg = compose_with(["+stage=grad-accum", "+sweep.stage_overrides.grad-accum=['train.total_bath_size=8']"])
+    with pytest.raises(UsageError, match="sweep.stage_overrides.grad-accum.*total_bath_size"):
+        gpt2.job.with_stage_overrides(cfg)

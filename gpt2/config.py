@@ -13,6 +13,11 @@ from typing import Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 
 
+def option_str(option) -> str:
+    """The plain string of a config enum (or of a string, as tests and plain OmegaConf nodes give)."""
+    return str(getattr(option, "value", option))
+
+
 class Attention(str, Enum):
     manual = "manual"  # explicit causal mask + softmax, as in the GPT-2 paper
     flash = "flash"  # F.scaled_dot_product_attention(is_causal=True): FlashAttention kernels on GPU

@@ -347,12 +347,3 @@ class GPT(nn.Module):
         hf.tie_weights()
         Path(folder).mkdir(parents=True, exist_ok=True)
         hf.save_pretrained(folder)
-
-
-def gpt_config_from(model_cfg, tokenizer_vocab_size: int = GPT2_VOCAB_SIZE) -> GPTConfig:
-    """A GPTConfig from the `model` section of a run's config (preset plus any explicit sizes)."""
-    return GPTConfig.from_preset(
-        model_cfg.name, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd,
-        block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size,
-        attention=str(getattr(model_cfg.attention, "value", model_cfg.attention)),
-        tokenizer_vocab_size=tokenizer_vocab_size)

@@ -6,6 +6,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from .config import option_str
+
 
 def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
     """AdamW or SGD as `optim_cfg` says; GPT-3 style decays only the 2-D weights (matmuls, embeddings)."""
@@ -17,8 +19,7 @@ def build_optimizer(model: torch.nn.Module, optim_cfg, device: torch.device) -> 
         ]
     else:
         groups = [{"params": params, "weight_decay": optim_cfg.weight_decay}]
-    name = str(getattr(optim_cfg.name, "value", optim_cfg.name))
-    if name == "sgd":
+    if option_str(optim_cfg.name) == "sgd":
         return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum)
     extra = {}
     if optim_cfg.fused and fused_adamw_supported(device):
@@ -42,7 +43,7 @@ def fused_adamw_supported(device: torch.device) -> bool:
 def lr_at(step: int, optim_cfg, total_steps: int) -> float:
     """The learning rate for optimizer step `step` (0-based): constant, or linear warm-up then cosine to a floor."""
     max_lr = optim_cfg.lr
-    if str(getattr(optim_cfg.schedule, "value", optim_cfg.schedule)) == "constant":
+    if option_str(optim_cfg.schedule) == "constant":
         return max_lr
     min_lr = max_lr * optim_cfg.min_lr_ratio
     warmup = optim_cfg.warmup_steps

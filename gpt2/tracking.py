@@ -4,13 +4,15 @@ import logging
 
 from omegaconf import OmegaConf
 
+from .config import option_str
+
 log = logging.getLogger("gpt2.tracking")
 
 
 class WandbRun:
     def __init__(self, cfg, run_dir):
         self.run = None
-        mode = str(getattr(cfg.logger.wandb.mode, "value", cfg.logger.wandb.mode))
+        mode = option_str(cfg.logger.wandb.mode)
         if mode == "disabled":
             return
         try:

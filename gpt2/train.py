@@ -21,17 +21,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, distributed, metrics
 from .data import TokenLoader, load_tokens, train_val_split
+from .config import option_str as value
 from .errors import UsageError
-from .model import GPT, PRESETS, GPTConfig, gpt_config_from
+from .model import GPT, PRESETS, GPTConfig
 from .optim import build_optimizer, describe_optimizer, grad_norm_and_clip, lr_at, set_lr
 from .tracking import WandbRun
 
 log = logging.getLogger("gpt2.train")
 
 
-def value(option) -> str:
-    """The plain string of a config enum (or of a string)."""
-    return str(getattr(option, "value", option))
+def gpt_config_from(model_cfg) -> GPTConfig:
+    """The model's GPTConfig from the run's `model` section: the preset, then any sizes set explicitly."""
+    return GPTConfig.from_preset(
+        model_cfg.name, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd,
+        block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size, attention=value(model_cfg.attention))
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
@@ -110,8 +113,7 @@ def check_config(cfg, ranks: distributed.Ranks) -> GPTConfig:
     return gpt_config
 
 
-def build_model(cfg, device: torch.device) -> GPT:
-    gpt_config = gpt_config_from(cfg.model)
+def build_model(cfg, gpt_config: GPTConfig, device: torch.device) -> GPT:
     if cfg.model.init_from == "scratch":
         model = GPT(gpt_config)
     else:
@@ -190,7 +192,7 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
     summary.update(batch_size=B, seq_len=T, tokens_per_step=total_batch, grad_accum_steps=grad_accum)
 
     # model, wrapped for speed (compile) and for data parallelism (DDP); raw_model is what we save
-    raw_model = build_model(cfg, device)
+    raw_model = build_model(cfg, gpt_config, device)
     model = raw_model
     if W > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

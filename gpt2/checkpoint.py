@@ -39,29 +39,34 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
-def rng_state() -> dict:
+def rng_state(device: Optional[torch.device] = None) -> dict:
+    """The generators a run draws from: the CPU's, and the run's own GPU's (only that one: a checkpoint made
+    on a machine with 8 GPUs must resume on a machine with 1)."""
     # only torch draws random numbers in a run (initialisation, sampling); no numpy or python RNG is used
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: Optional[torch.device] = None) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and device is not None and device.type == "cuda":
+        if isinstance(cuda, (list, tuple)):  # older checkpoints held every visible GPU's state
+            cuda = cuda[min(device.index or 0, len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(path: Path, *, model, optimizer, step: int, data_state: dict, config_yaml: str,
-                    model_shape: dict) -> None:
+                    model_shape: dict, device: Optional[torch.device] = None) -> None:
     """`step` is the number of optimizer steps done: the resumed run starts there."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "data": data_state,
-        "rng": rng_state(),
+        "rng": rng_state(device),
         "config": config_yaml,
         "model_shape": model_shape,
     }
@@ -114,21 +119,49 @@ def config_changes(saved_yaml: str, run_yaml: str) -> list:
             if k != "train.resume" and old.get(k) != new.get(k)]
 
 
-def resume_into(resume: str, *, model, optimizer, loader, model_shape: dict, config_yaml: str) -> dict:
+def load_optimizer_state(optimizer, state: dict) -> list:
+    """Load the optimizer's moments and step counts, but keep this run's hyper-parameters.
+
+    torch's load_state_dict brings back every param-group setting of the saved run (betas, eps, weight
+    decay, fused, ...): a run configured for GPT-3 settings would silently continue with the old ones. The
+    run's config wins (the learning rate is set each step anyway); 'key: old -> new' for each one that differs.
+    """
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    changed = []
+    for i, (group, mine) in enumerate(zip(optimizer.param_groups, configured)):
+        for key, new in mine.items():
+            old = group.get(key)
+            if key != "lr" and old != new and not (isinstance(old, (tuple, list)) and list(old) == list(new)):
+                changed.append(f"param group {i} {key}: {old} -> {new}")
+        group.update(mine)
+        if group.get("fused") or group.get("capturable"):  # these kernels keep step counts on the device
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if torch.is_tensor(step):
+                    optimizer.state[p]["step"] = step.to(p.device, torch.float32)
+    return changed
+
+
+def resume_into(resume: str, *, model, optimizer, loader, model_shape: dict, config_yaml: str,
+                device: Optional[torch.device] = None) -> dict:
     """Restore model, optimizer, data position and RNG from train.resume; {'resumed_from', 'start_step'}."""
     path = resolve_checkpoint_path(resume)
     state = load_checkpoint(resume, model_shape)
     try:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer_changes = load_optimizer_state(optimizer, state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:  # other parameter names, groups or optimizer
         raise UsageError(f"train.resume={resume}: the checkpoint does not fit this run's model or optimizer "
                          f"({str(e).strip().splitlines()[0]}); resume with the stage and settings of the run "
                          "that saved it") from None
     loader.load_state_dict(state["data"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], device)
     changes = config_changes(state["config"], config_yaml)
     if changes:
         log.warning(f"train.resume: this run's settings differ from the saved run's, so it will not continue "
                     f"exactly as that run would have: {'; '.join(changes)}")
+    if optimizer_changes:
+        log.warning(f"train.resume: the optimizer continues with this run's settings, not the checkpoint's: "
+                    f"{'; '.join(optimizer_changes)}")
     return {"resumed_from": str(path), "start_step": state["step"]}

@@ -23,6 +23,11 @@ class Attention(str, Enum):
     flash = "flash"  # F.scaled_dot_product_attention(is_causal=True): FlashAttention kernels on GPU
 
 
+class Loss(str, Enum):
+    plain = "plain"  # lm_head logits (B*T, V), then cross-entropy: the textbook formulation
+    fused = "fused"  # classifier + cross-entropy fused and chunked: the full logits never exist
+
+
 class Device(str, Enum):
     auto = "auto"  # cuda > mps > cpu
     cuda = "cuda"
@@ -79,6 +84,7 @@ class ModelConfig:
     block_size: Optional[int] = None  # context length the position table covers (1024 for GPT-2)
     vocab_size: Optional[int] = None  # 50257 for GPT-2; 50304 pads it to a multiple of 128
     attention: Attention = Attention.manual
+    loss: Loss = Loss.plain
     init_from: str = "scratch"  # or a Hugging Face name (gpt2, ...) or a folder written by transformers
 
 
@@ -124,6 +130,7 @@ class TrainConfig:
     val_every: int = 0  # validation loss every N steps; 0 = at the end only
     val_batches: int = 4  # micro-batches per validation
     checkpoint_every: int = 0  # 0 = no periodic checkpoints (an interrupt still saves one)
+    save_checkpoints: bool = True  # false: never write checkpoint.pt, not even on a signal (benchmarks)
     resume: Optional[str] = None  # a checkpoint file or a run folder to continue
     ddp_backend: DDPBackend = DDPBackend.auto
 

@@ -5,6 +5,7 @@ One console line per step, one JSON line per step in metrics.jsonl, nothing else
 
 import functools
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -12,22 +13,45 @@ from typing import List, Optional, Tuple
 
 import torch
 
-# Dense (no sparsity) datasheet peaks in TFLOP/s: (bf16, tf32, fp32). The first name fragment that occurs
-# in torch.cuda.get_device_name() wins, so the specific variants come before the generic ones.
-DATASHEET_TFLOPS = [
-    ("H100 NVL", (835.5, 417.5, 60.0)),
-    ("H100 PCIe", (756.5, 378.0, 51.2)),
-    ("H100", (989.4, 494.7, 66.9)),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("H200 NVL", (835.5, 417.5, 60.0)),
-    ("H200", (989.4, 494.7, 66.9)),
-    ("GH200", (989.4, 494.7, 66.9)),
-    ("A100", (312.0, 156.0, 19.5)),
-    ("L40S", (362.05, 183.0, 91.6)),
-    ("L4", (121.0, 60.0, 30.3)),
-    ("A10", (125.0, 62.5, 31.2)),
-    ("RTX 4090", (165.2, 82.6, 82.6)),
-    ("RTX 3090", (71.0, 35.6, 35.6)),
-]
+# Dense (no sparsity) datasheet peaks in TFLOP/s: (bf16, tf32, fp32), keyed by the product as
+# `gpu_product` reads it from torch.cuda.get_device_name(). Matching is exact, never by substring:
+# "NVIDIA L40" is not an L4, "NVIDIA RTX A1000" is not an A100.
+DATASHEET_TFLOPS = {
+    "H100 SXM": (989.4, 494.7, 66.9),  # "NVIDIA H100 80GB HBM3"
+    "H100 PCIe": (756.5, 378.0, 51.2),
+    "H100 NVL": (835.5, 417.5, 60.0),
+    "H200 SXM": (989.4, 494.7, 66.9),  # "NVIDIA H200"
+    "H200 NVL": (835.5, 417.5, 60.0),
+    "GH200": (989.4, 494.7, 66.9),
+    "A100": (312.0, 156.0, 19.5),  # SXM and PCIe, 40 and 80 GB: same dense peaks
+    "L40S": (362.05, 183.0, 91.6),
+    "L40": (181.05, 90.5, 90.5),
+    "L4": (121.0, 60.0, 30.3),
+    "A10": (125.0, 62.5, 31.2),
+    "RTX 4090": (165.2, 82.6, 82.6),
+    "RTX 3090": (71.0, 35.6, 35.6),
+}
+
+
+def gpu_product(device_name: str) -> Optional[str]:
+    """The DATASHEET_TFLOPS key for a torch.cuda.get_device_name() string, or None for a GPU not listed.
+
+    Names seen: "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA GH200
+    480GB", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "NVIDIA L40S", "NVIDIA GeForce RTX 4090".
+    """
+    words = re.split(r"[\s\-]+", device_name.strip())
+    words = [w for w in words if w.upper() not in ("NVIDIA", "GEFORCE", "TESLA")]
+    if not words:
+        return None
+    model, upper = words[0].upper(), {w.upper() for w in words[1:]}
+    if model == "RTX" and len(words) > 1:
+        model = f"RTX {words[1].upper()}"
+    if model in ("H100", "H200"):
+        variant = "NVL" if "NVL" in upper else "PCIe" if "PCIE" in upper else "SXM"
+        model = f"{model} {variant}"
+    return model if model in DATASHEET_TFLOPS else None
+
+
 _DTYPE_COLUMN = {"bf16": 0, "tf32": 1, "fp32": 2}
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "tf32": torch.float32, "fp32": torch.float32}
 
@@ -77,10 +101,9 @@ def peak_tflops(device: torch.device, dtype: str) -> Tuple[float, str]:
 @functools.lru_cache(maxsize=None)
 def _peak_tflops(device: torch.device, dtype: str, precision: str) -> Tuple[float, str]:
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, peaks in DATASHEET_TFLOPS:
-            if fragment in name:
-                return peaks[_DTYPE_COLUMN[dtype]], "datasheet"
+        product = gpu_product(torch.cuda.get_device_name(device))
+        if product is not None:
+            return DATASHEET_TFLOPS[product][_DTYPE_COLUMN[dtype]], "datasheet"
         n = 4096
     else:
         n = 1024  # a 2-core CPU does ~0.2 TFLOP/s: keep the measurement to a few tens of ms
@@ -97,17 +120,27 @@ def reset_peak_memory(device: torch.device) -> None:
             pass
 
 
-def peak_memory_gib(device: torch.device) -> Tuple[Optional[float], str]:
-    """(GiB, what was measured): tensors on a GPU; the whole process's peak resident memory on a CPU."""
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory since reset_peak_memory, in GiB, for summary.json.
+
+    On a GPU: tensors (`peak_mem_gib`, max allocated) and what the caching allocator held
+    (`peak_mem_reserved_gib`, max reserved: what "fits in 24 GiB" is about), and the device's total. On a
+    CPU: the whole process's peak resident memory.
+    """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max allocated"
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+                "device_mem_gib": torch.cuda.get_device_properties(device).total_memory / 2**30,
+                "peak_mem_kind": "cuda max allocated"}
+    rss = None
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20, "process peak RSS"
+                rss = int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return None, "unavailable"
+    return {"peak_mem_gib": rss, "peak_mem_reserved_gib": None, "device_mem_gib": None,
+            "peak_mem_kind": "process peak RSS" if rss is not None else "unavailable"}
 
 
 def steady_state(step_ms: List[float], skip: int) -> Tuple[float, float, float, int]:

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpt2.fused_loss import fused_linear_cross_entropy
+
 GPT2_VOCAB_SIZE = 50257  # ids the GPT-2 tokenizer produces (50256 is <|endoftext|>)
 
 # name -> (n_layer, n_head, n_embd, block_size); the four GPT-2 sizes, and one for CPU tests
@@ -33,11 +35,14 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     attention: str = "manual"  # "manual" (explicit causal mask) or "flash" (scaled_dot_product_attention)
+    loss: str = "plain"  # "plain" (logits, then cross-entropy) or "fused" (chunked; no full logits)
     tokenizer_vocab_size: Optional[int] = None  # ids the tokenizer can emit; the rest is padding (None: all)
 
     def __post_init__(self):
         if self.attention not in ("manual", "flash"):
             raise ValueError(f"attention must be 'manual' or 'flash', not {self.attention!r}")
+        if self.loss not in ("plain", "fused"):
+            raise ValueError(f"loss must be 'plain' or 'fused', not {self.loss!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.tokenizer_vocab_size is None or self.tokenizer_vocab_size > self.vocab_size:
@@ -52,104 +57,6 @@ class GPTConfig:
         sizes.update({k: v for k, v in overrides.items() if v is not None})
         sizes.setdefault("tokenizer_vocab_size", GPT2_VOCAB_SIZE)
         return cls(**sizes)
-
-
-# ---- the memory-lean loss and weight tying (CPU) -----------------------------------------------------
-#
-# GPT-2's 50257-wide vocabulary makes the logits and everything of their size the largest tensors of a
-# step: (B*T, 50257) fp32 is 103 MB at B*T=512, the tied (50257, 768) matrix 154 MB. On a CPU a fresh
-# buffer that large comes straight from the kernel and is paid in page faults on first touch (on the 2-core
-# machine of experiments/cpu_vs_transformers: 40 ms and more for 154 MB, against 6 ms for a pass over memory
-# already mapped), so each one made per step costs about as much as a small matmul. The plain formulation
-# makes seven per step (logits, log-softmax, NLL gradient, log-softmax gradient, lm_head's weight gradient,
-# the embedding's dense gradient, their sum); the two pieces below leave three (logits, logits gradient,
-# weight gradient) and do the same arithmetic. They run in eager mode on the CPU, where they were measured
-# (up to 13 % off a training step when page faults are dear, no loss when they are cheap); under
-# torch.compile and on other devices the model runs the plain formulation, which the compiler (or a caching
-# GPU allocator) handles well.
-
-_CE_BLOCK_ELEMENTS = 2**20  # logits per block in ChunkedCrossEntropy: 4 MiB of fp32, reused from the heap
-
-
-def _lean(device: torch.device) -> bool:
-    return device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits (N, V) against targets (N,): F.cross_entropy's numbers, less memory.
-
-    F.cross_entropy keeps a full (N, V) fp32 log-softmax for backward and in backward makes two more
-    (N, V) buffers (the one-hot gradient of the NLL, then the gradient of the log-softmax). Here both passes
-    go a block of rows at a time: forward keeps only each row's log-probability of its target, and backward
-    recomputes the block's softmax and writes (softmax - onehot(target)) * grad / n straight into the one
-    (N, V) gradient buffer, in the logits' dtype. Blocks are small enough to stay in cache, and the fused
-    log_softmax / softmax kernels do the exponentials (a separate torch.exp pass is slower than both).
-    Targets equal to ignore_index count for nothing, as in F.cross_entropy; the loss is computed in fp32
-    whatever the logits' dtype (bf16 under autocast).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index: int = -100):
-        n, vocab = logits.shape
-        rows = max(1, _CE_BLOCK_ELEMENTS // vocab)
-        valid = targets != ignore_index
-        safe_targets = torch.where(valid, targets, 0)  # any real id: ignored rows are masked out below
-        target_logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for start in range(0, n, rows):
-            logp = torch.log_softmax(logits[start:start + rows], dim=-1, dtype=torch.float32)
-            target_logp[start:start + rows] = logp.gather(1, safe_targets[start:start + rows, None]).squeeze(1)
-        n_valid = valid.sum()
-        loss = -torch.where(valid, target_logp, 0.0).sum() / n_valid
-        ctx.save_for_backward(logits, safe_targets, valid, n_valid)
-        ctx.rows = rows
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, safe_targets, valid, n_valid = ctx.saved_tensors
-        rows = ctx.rows
-        grad = torch.empty_like(logits)
-        scale = valid * (grad_loss / n_valid)  # (N,) fp32, 0 on ignored rows
-        minus_one = torch.full((rows, 1), -1.0, device=logits.device)
-        for start in range(0, logits.size(0), rows):
-            block = slice(start, start + rows)
-            p = torch.softmax(logits[block], dim=-1, dtype=torch.float32)
-            p.scatter_add_(1, safe_targets[block, None], minus_one[: p.size(0)])  # - onehot(target)
-            torch.mul(p, scale[block, None], out=grad[block])  # cast to the logits' dtype once, as autocast would
-        return grad, None, None
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy, in fp32, of logits (N, V) against targets (N,): the value and gradient of
-    F.cross_entropy(logits.float(), targets), through ChunkedCrossEntropy where that is the faster way."""
-    if _lean(logits.device):
-        return ChunkedCrossEntropy.apply(logits, targets, ignore_index)
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
-
-
-class TiedWeight(torch.autograd.Function):
-    """Two handles on one weight, (for lm_head, for the token embedding), whose gradients add in place.
-
-    Left to autograd, the tied matrix's gradient is lm_head's (vocab, n_embd) gradient plus the embedding's,
-    and that second one is a dense (vocab, n_embd) matrix of zeros with B*T rows filled in (or, with
-    sparse=True, a sparse one that autograd adds out of place): one more fresh (vocab, n_embd) buffer every
-    step. Through these two handles autograd hands both gradients to backward, which adds the embedding's
-    B*T sparse rows into lm_head's gradient and returns it: .grad is the same dense sum, with no extra buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, weight):
-        ctx.set_materialize_grads(False)  # an unused handle gives None, not a (vocab, n_embd) matrix of zeros
-        return weight.view_as(weight), weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad_head, grad_tok):
-        if grad_head is None or grad_tok is None:
-            grad = grad_tok if grad_head is None else grad_head
-            return grad.to_dense() if grad is not None and grad.is_sparse else grad
-        if grad_tok.is_sparse and not torch.is_grad_enabled():  # (grad enabled: create_graph, stay pure)
-            return grad_head.add_(grad_tok)  # grad_head is lm_head's fresh weight gradient, ours to reuse
-        return grad_head + grad_tok
 
 
 class CausalSelfAttention(nn.Module):
@@ -243,26 +150,23 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        """logits (B, T, vocab_size) and, when targets (B, T) are given, the mean cross-entropy (fp32)."""
+        """logits (B, T, vocab_size) and, when targets (B, T) are given, the mean cross-entropy (fp32) over
+        targets != -100. With config.loss == "fused" and targets given, lm_head and the loss run fused and
+        chunked (gpt2/fused_loss.py): the full logits are never made, and None stands in their place."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the context of {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        if _lean(idx.device) and self.transformer.wte.weight is self.lm_head.weight:
-            # the tied matrix through two handles whose gradients add in place (TiedWeight); the embedding's
-            # gradient sparse: B*T rows, not a (vocab, n_embd) matrix
-            w_head, w_tok = TiedWeight.apply(self.lm_head.weight)
-            tok = F.embedding(idx, w_tok, sparse=True)
-        else:
-            w_head, tok = self.lm_head.weight, self.transformer.wte(idx)
-        x = tok + self.transformer.wpe(pos)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        logits = F.linear(x, w_head)  # lm_head (through its handle when tied)
+        if targets is not None and self.config.loss == "fused":
+            return None, fused_linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()

@@ -31,12 +31,13 @@ REFERENCE = [  # stage, seed README on H100 (ms/step), build-nanogpt video on A1
 FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
           "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps", "steps_measured",
           "ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",
-          "mfu_peak_source", "compute_dtype", "peak_mem_gib", "peak_mem_kind", "final_loss", "val_loss",
+          "mfu_peak_source", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib", "peak_mem_kind", "final_loss", "val_loss",
           "started_at", "finished_at", "command"]  # read from summary.json, in report.csv order
 INTEGER = ["job", "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps",
            "steps_measured"]
 NUMERIC = INTEGER + ["ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu",
-                     "mfu_peak_tflops", "peak_mem_gib", "final_loss", "val_loss"]
+                     "mfu_peak_tflops", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib", "final_loss",
+                     "val_loss"]
 SPEEDUPS = ["speedup_vs_baseline", "speedup_vs_prev", "baseline_stage", "prev_stage"]
 CSV_COLUMNS = ["folder", "device_label", "run_dir", "job"] + FIELDS + SPEEDUPS
 # Run facts shown once in the header when all rows agree, else as a per-row column of the table.
@@ -180,9 +181,12 @@ def _section(df: pd.DataFrame, title: str) -> list:
         out += ["", "Commands:", ""] + [f"- {r.stage}: `{r.command}`" for r in df.itertuples()
                                         if not _missing(r.command)]
     show_error = any(_short_error(e) for e in df["error"])
+    # on a GPU, what the caching allocator reserved is what must fit on the card ("fits in 24 GiB")
+    show_reserved = df["peak_mem_reserved_gib"].notna().any()
     header = (["job", "stage", "adds"] + [label for label, _ in varying] +
               ["tokens/step", "ms/step (min-max)", "tok/s", "vs baseline", "vs previous", "MFU %",
-               "peak mem GiB", "final loss", "val loss", "status"] + (["error"] if show_error else []))
+               "peak mem GiB"] + (["peak reserved GiB"] if show_reserved else []) +
+              ["final loss", "val loss", "status"] + (["error"] if show_error else []))
     rows = []
     for i, r in df.iterrows():
         prev = _ratio(r["speedup_vs_prev"])
@@ -191,9 +195,11 @@ def _section(df: pd.DataFrame, title: str) -> list:
         rows.append([_fmt(r["job"]), r["stage"], _fmt(r["adds"])] + [_fmt(r[c]) for _, c in varying] +
                     [_fmt(r["tokens_per_step"], "{:,}"), _ms_cell(r), _fmt(r["tokens_per_sec"], "{:,.0f}"),
                      _ratio(r["speedup_vs_baseline"]), prev, _fmt(r["mfu"], "{:.1%}")[:-1],
-                     _mem_cell(r["peak_mem_gib"]), _fmt(r["final_loss"], "{:.3f}"),
+                     _mem_cell(r["peak_mem_gib"])] + ([_mem_cell(r["peak_mem_reserved_gib"])] if show_reserved else []) +
+                    [_fmt(r["final_loss"], "{:.3f}"),
                      _fmt(r["val_loss"], "{:.3f}"), r["status"]] + ([_short_error(r["error"])] if show_error else []))
-    right = {"job", "tokens/step", "tok/s", "vs baseline", "MFU %", "peak mem GiB", "final loss", "val loss"} | {
+    right = {"job", "tokens/step", "tok/s", "vs baseline", "MFU %", "peak mem GiB", "peak reserved GiB", "final loss",
+             "val loss"} | {
         label for label, col in varying if col in NUMERIC}
     return out + ["", _md_table(header, rows, right), ""]
 

@@ -9,9 +9,13 @@ import contextlib
 import gc
 import logging
 import math
+import os
+import shutil
 import signal
 import sys
+import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +38,8 @@ def gpt_config_from(model_cfg) -> GPTConfig:
     """The model's GPTConfig from the run's `model` section: the preset, then any sizes set explicitly."""
     return GPTConfig.from_preset(
         model_cfg.name, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd,
-        block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size, attention=value(model_cfg.attention))
+        block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size, attention=value(model_cfg.attention),
+        loss=value(model_cfg.loss))
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
@@ -155,7 +160,12 @@ class StopFlag:
 def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, autocast, ranks,
              device) -> Optional[float]:
     """Mean loss over the first `batches` micro-batches of the held-out split (the same ones every time),
-    shared among the ranks so that N processes see the batches one process would."""
+    shared among the ranks so that N processes see the batches one process would.
+
+    `model` is the plain module, never the compiled or DDP wrapper: dynamo guards on grad mode and on
+    `training`, so a compiled model evaluated under no_grad would compile a second graph (tens of seconds on
+    a GPU, and memory) for a few batches; eager evaluation costs nothing to set up and gives the same loss.
+    """
     batch_size = min(batch_size, (len(tokens) - 1) // seq_len)
     if batch_size < 1:
         return None  # held-out split shorter than one sequence
@@ -163,24 +173,91 @@ def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, autocas
     loader = TokenLoader(tokens, batch_size, seq_len, ranks.rank, ranks.world_size)
     model.eval()
     total = torch.zeros((), device=device)
-    for _ in range(batches):
-        x, y = (t.to(device) for t in loader.next_batch())
-        with autocast():
-            _, loss = model(x, y)
-        total += loss.float()
-    model.train()
+    try:
+        for _ in range(batches):
+            x, y = (t.to(device) for t in loader.next_batch())
+            with autocast():
+                total += model(x, y)[1].float()  # [1]: the logits are not kept alive
+    finally:
+        model.train()
     return distributed.all_reduce_mean(total / batches).item()
 
 
-# ---- the run --------------------------------------------------------------------------------------
+# ---- the run: set-up, one step, the summary ---------------------------------------------------------
 
-def train(cfg, run_dir: Path, summary: dict) -> dict:
+@dataclass
+class Run:
+    """What set-up builds and the steps use."""
+    cfg: object
+    run_dir: Path
+    ranks: distributed.Ranks
+    device: torch.device
+    raw_model: GPT  # the plain module: what we save and evaluate
+    model: torch.nn.Module  # what the steps call: raw_model, wrapped by DDP and/or torch.compile
+    ddp_model: Optional[DDP]
+    optimizer: torch.optim.Optimizer
+    train_loader: TokenLoader
+    val_tokens: torch.Tensor
+    batch_size: int
+    seq_len: int
+    total_batch: int
+    grad_accum: int
+    bf16: bool
+    config_yaml: str
+    model_shape: dict
+    step_log: Optional[metrics.StepLog] = None
+    tracker: Optional[WandbRun] = None
+    effective_autocast: Optional[str] = None  # read back from torch inside the first autocast region
+    saved_step: Optional[int] = None
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def save(self, step: int) -> None:
+        """A checkpoint after `step` optimizer steps (once per step; only rank 0 writes)."""
+        if not self.cfg.train.save_checkpoints or step == self.saved_step:
+            return
+        if self.ranks.is_main:
+            checkpoint.save_checkpoint(self.run_dir / checkpoint.CHECKPOINT_NAME, model=self.raw_model,
+                                       optimizer=self.optimizer, step=step, data_state=self.train_loader.state_dict(),
+                                       config_yaml=self.config_yaml, model_shape=self.model_shape, device=self.device)
+        self.saved_step = step
+
+    def validate(self, step: int) -> Optional[float]:
+        t = self.cfg.train
+        val = evaluate(self.raw_model, self.val_tokens, self.batch_size, self.seq_len, t.val_batches, self.autocast,
+                       self.ranks, self.device)
+        if self.step_log and val is not None:
+            log.info(f"step {step:5d} | val loss {val:.6f}")
+            self.step_log.append({"step": step, "val_loss": val})
+        return val
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile writes C (Triton's launcher on CUDA) or C++ (Inductor's CPU kernels) and builds it with
+    the machine's compiler against Python's headers; without them it fails deep inside Triton or Inductor."""
+    needed = "C compiler (cc, gcc or clang)" if device.type == "cuda" else "C++ compiler (g++ or clang++)"
+    names = ("cc", "gcc", "clang") if device.type == "cuda" else ("c++", "g++", "clang++")
+    env_var = "CC" if device.type == "cuda" else "CXX"
+    if not (os.environ.get(env_var) or any(shutil.which(n) for n in names)):
+        raise UsageError(f"train.compile=true needs a {needed} on this machine, and none was found: install one "
+                         f"(e.g. apt install build-essential) or run a stage without torch.compile (train.compile=false)")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        raise UsageError(f"train.compile=true needs Python's C headers ({headers} is missing): install them (e.g. "
+                         "apt install python3-dev) or run a stage without torch.compile (train.compile=false)")
+
+
+def set_up(cfg, run_dir: Path, summary: dict) -> Run:
+    """Device, torch flags, checked config, data, model (wrapped for DDP and compile), optimizer, resume."""
     ranks = distributed.ranks_from_env()
     device = resolve_device(value(cfg.train.device), ranks)
     summary.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                    device_type=device.type, world_size=ranks.world_size)
     configure_torch(cfg, device)
     gpt_config = check_config(cfg, ranks)
+    if cfg.train.compile:
+        check_compiler(device)
     distributed.init_process_group(ranks, value(cfg.train.ddp_backend), device)
 
     # data: every rank reads its own share of the same chunks a single process would read
@@ -191,151 +268,165 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
     train_loader = TokenLoader(train_tokens, B, T, ranks.rank, W)
     summary.update(batch_size=B, seq_len=T, tokens_per_step=total_batch, grad_accum_steps=grad_accum)
 
-    # model, wrapped for speed (compile) and for data parallelism (DDP); raw_model is what we save
+    # model, wrapped for data parallelism (DDP) and for speed (compile); raw_model is what we save
     raw_model = build_model(cfg, gpt_config, device)
-    model = raw_model
+    model = ddp_model = None
     if W > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients as views of DDP's buckets: no second copy of them (about 0.5 GB for 124M); the only
+        # buffers are the constant causal masks, so there is nothing to broadcast before each forward
+        model = ddp_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                gradient_as_bucket_view=True, broadcast_buffers=False)
+    model = model or raw_model
     if cfg.train.compile:
         model = torch.compile(model)
-    ddp_model = model._orig_mod if cfg.train.compile and W > 1 else model
     optimizer = build_optimizer(raw_model, cfg.optim, device)
-    bf16 = value(cfg.train.autocast_dtype) == "bf16"
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    model_shape = {k: getattr(raw_model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    start_step = 0
+    run = Run(cfg=cfg, run_dir=run_dir, ranks=ranks, device=device, raw_model=raw_model, model=model,
+              ddp_model=ddp_model, optimizer=optimizer, train_loader=train_loader, val_tokens=val_tokens,
+              batch_size=B, seq_len=T, total_batch=total_batch, grad_accum=grad_accum,
+              bf16=value(cfg.train.autocast_dtype) == "bf16", config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+              model_shape={k: getattr(raw_model.config, k) for k in
+                           ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")})
     if cfg.train.resume:
         summary.update(checkpoint.resume_into(cfg.train.resume, model=raw_model, optimizer=optimizer,
-                                              loader=train_loader, model_shape=model_shape, config_yaml=config_yaml))
-        start_step = summary["start_step"]
-        log.info(f"resumed from {summary['resumed_from']} at step {start_step}")
+                                              loader=train_loader, model_shape=run.model_shape,
+                                              config_yaml=run.config_yaml, device=device))
+        log.info(f"resumed from {summary['resumed_from']} at step {summary['start_step']}")
 
-    dtype = metrics.compute_dtype(device, bf16)
+    dtype = metrics.compute_dtype(device, run.bf16)
     peak, peak_source = metrics.peak_tflops(device, dtype)
-    step_log = metrics.StepLog(run_dir, log, raw_model.flops_per_token(T), peak) if ranks.is_main else None
-    tracker = WandbRun(cfg, run_dir) if ranks.is_main else None
+    if ranks.is_main:
+        run.step_log = metrics.StepLog(run_dir, log, raw_model.flops_per_token(T), peak)
+        run.tracker = WandbRun(cfg, run_dir)
     summary.update(compute_dtype=dtype, mfu_peak_tflops=peak, mfu_peak_source=peak_source,
                    params=raw_model.num_params(non_embedding=False))
     if ranks.is_main:
         log.info(f"{summary['stage']}: {summary['params']:,} parameters on {summary['device']} x{W}, "
-                 f"B={B} T={T}, {total_batch:,} tokens/step = {grad_accum} micro-step(s)")
+                 f"B={B} T={T}, {total_batch:,} tokens/step = {grad_accum} micro-step(s)"
+                 + (" (the first step compiles the model)" if cfg.train.compile else ""))
+    return run
 
-    saved_step = None
 
-    def save(step: int) -> None:
-        nonlocal saved_step
-        if ranks.is_main and step != saved_step:
-            checkpoint.save_checkpoint(run_dir / checkpoint.CHECKPOINT_NAME, model=raw_model, optimizer=optimizer,
-                                       step=step, data_state=train_loader.state_dict(), config_yaml=config_yaml,
-                                       model_shape=model_shape)
-        saved_step = step
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step of `grad_accum` micro-steps; its metrics.jsonl record (loss, norm, ms, ...)."""
+    metrics.synchronize(run.device)
+    t0 = time.perf_counter()
+    lr = lr_at(step, run.cfg.optim, run.cfg.train.steps)
+    set_lr(run.optimizer, lr)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=run.device)
+    for micro in range(run.grad_accum):
+        x, y = (t.to(run.device, non_blocking=True) for t in run.train_loader.next_batch())
+        # DDP all-reduces gradients only on the last micro-step; the others just accumulate
+        last = micro == run.grad_accum - 1
+        with contextlib.nullcontext() if run.ddp_model is None or last else run.ddp_model.no_sync():
+            with run.autocast():
+                # [1]: the (B, T, vocab) logits are not held through backward (1.5 GiB at B=16 in bf16)
+                loss = run.model(x, y)[1] / run.grad_accum  # the gradient of the mean over the whole batch
+                if run.effective_autocast is None:  # read back from torch, inside the region
+                    run.effective_autocast = (str(torch.get_autocast_dtype(run.device.type)).removeprefix("torch.")
+                                              if torch.is_autocast_enabled(run.device.type) else "none")
+            loss_accum += loss.detach()
+            loss.backward()
+            del loss
+    distributed.all_reduce_mean(loss_accum)
+    norm = grad_norm_and_clip(run.raw_model.parameters(), run.cfg.optim.grad_clip)
+    run.optimizer.step()
+    metrics.synchronize(run.device)
+    ms = (time.perf_counter() - t0) * 1000
+    return {"step": step, "loss": loss_accum.item(), "lr": lr, "grad_norm": norm.item(), "ms": ms,
+            "tokens_per_sec": run.total_batch / (ms / 1000)}
 
-    def validate(step: int) -> Optional[float]:
-        val = evaluate(model, val_tokens, B, T, cfg.train.val_batches, autocast, ranks, device)
-        if step_log and val is not None:
-            log.info(f"step {step:5d} | val loss {val:.6f}")
-            step_log.append({"step": step, "val_loss": val})
-        return val
 
-    step_ms, effective_autocast, last_loss, val_loss = [], None, None, None
-    status, steps_done = "ok", start_step
-    with StopFlag() as stop:
-        for step in range(start_step, cfg.train.steps):
-            metrics.synchronize(device)
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.optim, cfg.train.steps)
-            set_lr(optimizer, lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss_accum = torch.zeros((), device=device)
-            for micro in range(grad_accum):
-                x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
-                # DDP all-reduces gradients only on the last micro-step; the others just accumulate
-                sync = ddp_model.no_sync() if W > 1 and micro < grad_accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        _, loss = model(x, y)
-                        if effective_autocast is None:  # read back from torch, inside the region
-                            effective_autocast = (str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
-                                                  if torch.is_autocast_enabled(device.type) else None)
-                    loss = loss / grad_accum  # the gradient of the mean over the whole batch
-                    loss_accum += loss.detach()
-                    loss.backward()
-            distributed.all_reduce_mean(loss_accum)
-            norm = grad_norm_and_clip(raw_model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            metrics.synchronize(device)
-            ms = (time.perf_counter() - t0) * 1000
-            step_loss, step_norm = loss_accum.item(), norm.item()
-            if not (math.isfinite(step_loss) and math.isfinite(step_norm)):  # this step's update ruined the weights
-                status = "diverged"
-                what = (f"loss became {step_loss}" if not math.isfinite(step_loss)
-                        else f"gradient norm became {step_norm}")
-                kept = f"; the last good checkpoint (step {saved_step}) is kept in {run_dir}" if saved_step else ""
-                summary.update(diverged_at_step=step, error=f"{what} at step {step}; lower optim.lr or turn on "
-                               f"optim.grad_clip{kept}")
-                log.error(summary["error"])
-                break
-            last_loss, steps_done = step_loss, step + 1
-            step_ms.append(ms)
-            record = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": step_norm, "ms": ms,
-                      "tokens_per_sec": total_batch / (ms / 1000)}
-            if step_log:
-                step_log.step(record, W)
-                tracker.log(record)
-            if cfg.train.val_every and steps_done % cfg.train.val_every == 0 and steps_done < cfg.train.steps:
-                val_loss = validate(step)
-            if cfg.train.checkpoint_every and steps_done % cfg.train.checkpoint_every == 0:
-                save(steps_done)
-            if distributed.any_rank(stop.requested, device):
-                status = "interrupted"
-                save(steps_done)
-                summary["error"] = f"stopped by a signal after step {step}; resume with train.resume={run_dir}"
-                log.warning(summary["error"])
-                break
-
-    if status == "ok":
-        val_loss = validate(max(steps_done - 1, 0))
-        if cfg.train.checkpoint_every:
-            save(steps_done)
+def effective_settings(run: Run) -> dict:
+    """The settings read back from torch and the built objects, not copied from the config."""
+    cfg, device = run.cfg, run.device
     effective = {
         "matmul_precision": torch.get_float32_matmul_precision(),
         "tf32": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
-        "autocast_dtype": effective_autocast,
-        "attention": raw_model.transformer.h[0].attn.attention,
-        "vocab_size": raw_model.lm_head.weight.shape[0],
-        "optimizer": describe_optimizer(optimizer),
+        "autocast_dtype": None if run.effective_autocast in (None, "none") else run.effective_autocast,
+        "attention": run.raw_model.transformer.h[0].attn.attention,
+        "loss": run.raw_model.config.loss,
+        "vocab_size": run.raw_model.lm_head.weight.shape[0],
+        "optimizer": describe_optimizer(run.optimizer),
         "lr_schedule": {"name": value(cfg.optim.schedule), "first_lr": lr_at(0, cfg.optim, cfg.train.steps),
-                        "last_lr": optimizer.param_groups[0]["lr"], "warmup_steps": cfg.optim.warmup_steps,
+                        "last_lr": run.optimizer.param_groups[0]["lr"], "warmup_steps": cfg.optim.warmup_steps,
                         "decay_steps": cfg.train.steps},
         "grad_clip": cfg.optim.grad_clip,
-        "grad_accum_steps": grad_accum,
+        "grad_accum_steps": run.grad_accum,
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "compiled": "torch._dynamo" in sys.modules
-                    and isinstance(model, sys.modules["torch._dynamo"].eval_frame.OptimizedModule),
+                    and isinstance(run.model, sys.modules["torch._dynamo"].eval_frame.OptimizedModule),
         "notes": [],
     }
     if device.type != "cuda" and effective["matmul_precision"] == "high":
         effective["notes"].append(f"matmul_precision={effective['matmul_precision']} selects TF32 tensor cores, "
                                   f"which {device.type} does not have: no effect here")
-    if effective_autocast is None and bf16:
+    if run.effective_autocast == "none" and run.bf16:
         effective["notes"].append("autocast was requested but torch reported it disabled")
-    summary.update(status=status, steps=steps_done, final_loss=last_loss, val_loss=val_loss, effective=effective)
+    return effective
+
+
+def summarise(run: Run, summary: dict, step_ms: list) -> None:
+    """Timing medians, tok/s, MFU and peak memory into the summary, and the closing console line."""
+    T, W = run.seq_len, run.ranks.world_size
     if step_ms:
-        median, low, high, n = metrics.steady_state(step_ms, cfg.train.timing_skip)
-        tokens_per_sec = total_batch / (median / 1000)
+        median, low, high, n = metrics.steady_state(step_ms, run.cfg.train.timing_skip)
+        tokens_per_sec = run.total_batch / (median / 1000)
         summary.update(ms_per_step=median, ms_per_step_min=low, ms_per_step_max=high, steps_measured=n,
                        tokens_per_sec=tokens_per_sec,
-                       mfu=metrics.mfu(raw_model.flops_per_token(T), tokens_per_sec, W, peak))
-    mem, kind = metrics.peak_memory_gib(device)
-    summary.update(peak_mem_gib=mem, peak_mem_kind=kind)
-    if tracker:
-        tracker.finish(summary)
-    if ranks.is_main and summary.get("ms_per_step"):
+                       mfu=metrics.mfu(run.raw_model.flops_per_token(T), tokens_per_sec, W, summary["mfu_peak_tflops"]))
+    summary.update(metrics.peak_memory(run.device))
+    if run.tracker:
+        run.tracker.finish(summary)
+    if run.ranks.is_main and summary.get("ms_per_step"):
+        mem = summary["peak_mem_gib"] or 0
+        reserved = summary.get("peak_mem_reserved_gib")
         log.info(f"{summary['stage']}: {summary['ms_per_step']:.2f} ms/step (median of {summary['steps_measured']}), "
-                 f"{summary['tokens_per_sec']:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}%, "
-                 f"peak memory {mem or 0:.2f} GiB ({kind}), final loss {last_loss:.4f}")
+                 f"{summary['tokens_per_sec']:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}%, peak memory "
+                 f"{mem:.2f} GiB ({summary['peak_mem_kind']})" + (f", {reserved:.2f} GiB reserved" if reserved else "")
+                 + f", final loss {summary['final_loss']:.4f}")
+
+
+def train(cfg, run_dir: Path, summary: dict) -> dict:
+    run = set_up(cfg, run_dir, summary)
+    step_ms, last_loss, val_loss = [], None, None
+    status, steps_done = "ok", summary.get("start_step", 0)
+    with StopFlag() as stop:
+        for step in range(steps_done, cfg.train.steps):
+            record = train_step(run, step)
+            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+                status = "diverged"  # this step's update ruined the weights: stop, keep the last checkpoint
+                what = (f"loss became {record['loss']}" if not math.isfinite(record["loss"])
+                        else f"gradient norm became {record['grad_norm']}")
+                kept = f"; the last good checkpoint (step {run.saved_step}) is kept in {run_dir}" \
+                    if run.saved_step else ""
+                summary.update(diverged_at_step=step, error=f"{what} at step {step}; lower optim.lr or turn on "
+                               f"optim.grad_clip{kept}")
+                log.error(summary["error"])
+                break
+            last_loss, steps_done = record["loss"], step + 1
+            step_ms.append(record["ms"])
+            if run.step_log:
+                run.step_log.step(record, run.ranks.world_size)
+                run.tracker.log(record)
+            if cfg.train.val_every and steps_done % cfg.train.val_every == 0 and steps_done < cfg.train.steps:
+                val_loss = run.validate(step)
+            if cfg.train.checkpoint_every and steps_done % cfg.train.checkpoint_every == 0:
+                run.save(steps_done)
+            if distributed.any_rank(stop.requested, run.device):
+                status = "interrupted"
+                run.save(steps_done)
+                summary["error"] = f"stopped by a signal after step {step}" + (
+                    f"; resume with train.resume={run_dir}" if run.saved_step == steps_done else
+                    " (train.save_checkpoints=false: no checkpoint was written)")
+                log.warning(summary["error"])
+                break
+
+    if status == "ok":
+        val_loss = run.validate(max(steps_done - 1, 0))
+        if cfg.train.checkpoint_every:
+            run.save(steps_done)
+    summary.update(status=status, steps=steps_done, final_loss=last_loss, val_loss=val_loss,
+                   effective=effective_settings(run))
+    summarise(run, summary, step_ms)
     return summary

@@ -15,9 +15,10 @@ if (SHARED / "tiktoken_cache").is_dir():
 
 
 def _find_shakespeare():
-    for candidate in (SHARED / "data" / "tinyshakespeare.txt",
+    given = os.environ.get("GPT2_SPEEDRUN_TEST_DATA")  # `python -m gpt2.bench --data FILE` passes its file here
+    for candidate in ([Path(given)] if given else []) + [SHARED / "data" / "tinyshakespeare.txt",
                       Path(os.environ.get("GPT2_SPEEDRUN_CACHE", Path.home() / ".cache" / "gpt2-speedrun"))
-                      / "tinyshakespeare.txt"):
+                      / "tinyshakespeare.txt"]:
         if candidate.is_file():
             return candidate
     return None

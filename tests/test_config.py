@@ -1,5 +1,6 @@
 """Composing the configs: stages accumulate, command-line overrides win, typos and bad types are refused."""
 
+import re
 import shutil
 
 import pytest
@@ -11,7 +12,22 @@ import gpt2.job  # noqa: F401  registers the schema and the shared_now resolver
 from conftest import REPO
 
 CONF = REPO / "conf"
-STAGES = ["baseline", "tf32", "bf16", "flash", "nice-vocab", "gpt3-optim", "grad-accum", "compile"]
+
+
+def sweep_stages(name: str) -> list:
+    """The stages a sweep config runs, in its order."""
+    text = (CONF / "sweep" / f"{name}.yaml").read_text()
+    return re.search(r"\+stage:\s*(\S+)", text).group(1).split(",")
+
+
+def parent_stage(name: str):
+    """The stage a stage file builds on (the first entry of its defaults list), or None for the baseline."""
+    text = (CONF / "stage" / f"{name}.yaml").read_text()
+    match = re.search(r"^defaults:\s*\n\s*-\s*(\S+)", text, re.M)
+    return match.group(1) if match else None
+
+
+STAGES = sweep_stages("speedup_full")  # every stage of the project, in order
 
 # what each stage adds, as (key, value) pairs; a stage must also carry everything before it
 ADDS = {
@@ -29,6 +45,8 @@ ADDS = {
                    ("optim.lr", 6e-4), ("optim.min_lr_ratio", 0.1), ("optim.grad_clip", 1.0)],
     "grad-accum": [("train.total_batch_size", 524288)],
     "compile": [("train.compile", True)],
+    "fused-loss": [("model.loss", "fused")],
+    "big-batch": [("train.batch_size", 64)],
 }
 
 
@@ -52,8 +70,36 @@ def expected_settings(stage):
     return settings
 
 
-def test_every_stage_file_is_listed():
-    assert sorted(p.stem for p in (CONF / "stage").glob("*.yaml")) == sorted(STAGES)
+def test_the_full_sweep_is_the_chain_of_stages():
+    # each stage builds on the one before it in the full sweep, back to the baseline
+    assert STAGES[0] == "baseline" and parent_stage("baseline") is None
+    for previous, stage in zip(STAGES, STAGES[1:]):
+        assert parent_stage(stage) == previous, f"{stage} should build on {previous}"
+    assert sweep_stages("speedup") == STAGES[:STAGES.index("grad-accum") + 1]  # the seed's seven
+    assert sweep_stages("speedup_compile") == STAGES[:STAGES.index("compile") + 1]
+
+
+def test_every_stage_file_reaches_the_baseline():
+    # a user's own stage (README, "Add your own stage") need not be in a sweep, but must compose: its chain
+    # ends at the baseline, names only existing stages, and has no cycle
+    for path in sorted((CONF / "stage").glob("*.yaml")):
+        chain, stage = [], path.stem
+        while stage is not None:
+            assert stage not in chain, f"cycle in the stage chain: {chain + [stage]}"
+            assert (CONF / "stage" / f"{stage}.yaml").is_file(), f"{chain[-1]} builds on a missing stage {stage}"
+            chain.append(stage)
+            stage = parent_stage(stage)
+        assert chain[-1] == "baseline"
+        assert compose_with([f"+stage={path.stem}"]).stage.name == path.stem
+
+
+def test_adding_a_stage_file_is_enough(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "stage" / "my-trick.yaml").write_text("# @package _global_\ndefaults:\n  - flash\n  - _self_\n\n"
+                                                  "stage:\n  name: my-trick\n  adds: B=8\ntrain:\n  batch_size: 8\n")
+    cfg = compose_with(["+stage=my-trick"], config_dir=conf)
+    assert cfg.stage.name == "my-trick" and cfg.train.batch_size == 8 and lookup(cfg, "model.attention") == "flash"
 
 
 @pytest.mark.parametrize("stage", STAGES)

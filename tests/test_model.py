@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import gpt2.model as model_module
-from gpt2.model import GPT, GPTConfig, PRESETS, ChunkedCrossEntropy, cross_entropy
+from gpt2.model import GPT, GPTConfig, PRESETS
 
 
 def tiny_config(**overrides):
@@ -198,79 +197,22 @@ def test_padded_vocabulary_keeps_logits_and_bounds_loss(hf_folder, tmp_path):
 
 # ---- the loss --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    # 7 rows per block at vocab 128: several blocks and a ragged last one
-    monkeypatch.setattr(model_module, "_CE_BLOCK_ELEMENTS", 7 * 128)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_cross_entropy_equals_plain(small_blocks, dtype):
-    torch.manual_seed(0)
-    logits = (torch.randn(45, 128) * 4).to(dtype).requires_grad_()
-    targets = torch.randint(0, 128, (45,))
-    targets[[0, 7, 44]] = -100  # ignored, as by F.cross_entropy
-    loss = cross_entropy(logits, targets)
-    reference = F.cross_entropy(logits.float(), targets)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
-    upstream = torch.tensor(0.37)  # a non-unit incoming gradient (e.g. gradient accumulation)
-    (grad,) = torch.autograd.grad(loss * upstream, logits)
-    (grad_ref,) = torch.autograd.grad(reference * upstream, logits)
-    assert grad.dtype == dtype
-    torch.testing.assert_close(grad, grad_ref, atol=1e-7 if dtype == torch.float32 else 1e-4, rtol=1e-5)
-    assert torch.all(grad[[0, 7, 44]] == 0)
-
-
-def test_chunked_cross_entropy_is_stable_for_extreme_logits(small_blocks):
-    logits = torch.tensor([[1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0]], requires_grad=True)
-    targets = torch.tensor([2, 1])
-    loss = ChunkedCrossEntropy.apply(logits, targets, -100)
-    reference = F.cross_entropy(logits, targets)
-    assert torch.isfinite(loss)
-    torch.testing.assert_close(loss, reference)
-    loss.backward()
-    assert torch.isfinite(logits.grad).all()
-
+# (the fused, chunked loss of loss="fused" is tested against this one in tests/test_fused_loss.py)
 
 @pytest.mark.parametrize("attention", ["flash", "manual"])
-def test_model_gradients_equal_plain_formulation_with_padded_vocab(small_blocks, monkeypatch, attention):
-    """The CPU path (ChunkedCrossEntropy, TiedWeight, sparse embedding gradient) against plain autograd."""
+def test_loss_is_cross_entropy_of_the_logits_with_padded_vocab(attention):
     torch.manual_seed(0)
     model = GPT(tiny_config(vocab_size=128, tokenizer_vocab_size=100, attention=attention))
     idx, targets = random_batch(100)
-    targets[0, :3] = -100  # ignored positions count for nothing on both paths
+    targets[0, :3] = -100  # ignored positions count for nothing
     logits, loss = model(idx, targets)
+    assert loss.dtype == torch.float32
+    reference = F.cross_entropy(logits.view(-1, 128), targets.view(-1))
+    torch.testing.assert_close(loss, reference)
     loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-
-    monkeypatch.setattr(model_module, "_lean", lambda device: False)  # plain embedding, F.cross_entropy
-    logits_ref, loss_ref = model(idx, targets)
-    loss_ref.backward()
-    torch.testing.assert_close(logits, logits_ref)
-    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(loss_ref, F.cross_entropy(logits_ref.view(-1, 128), targets.view(-1)))
-    for name, p in model.named_parameters():
-        assert grads[name].layout == torch.strided, name
-        torch.testing.assert_close(grads[name], p.grad, atol=1e-7, rtol=1e-5, msg=name)
-    # padded rows of the tied table still get the softmax's share of the gradient
-    assert grads["transformer.wte.weight"][100:].abs().sum() > 0
-
-
-def test_tied_weight_with_one_handle_unused():
-    weight = torch.randn(10, 4, requires_grad=True)
-    idx = torch.tensor([1, 1, 3])
-    w_head, w_tok = model_module.TiedWeight.apply(weight)
-    F.embedding(idx, w_tok, sparse=True).sum().backward()  # only the token handle: its sparse gradient
-    assert weight.grad.layout == torch.strided
-    expected = torch.zeros(10, 4)
-    expected[1], expected[3] = 2.0, 1.0
-    torch.testing.assert_close(weight.grad, expected)
-    weight.grad = None
-    w_head, w_tok = model_module.TiedWeight.apply(weight)
-    (w_head * 3).sum().backward()  # only the head handle
-    torch.testing.assert_close(weight.grad, torch.full((10, 4), 3.0))
+    grad = model.transformer.wte.weight.grad
+    assert grad.layout == torch.strided
+    assert grad[100:].abs().sum() > 0  # padded rows of the tied table still get the softmax's share
 
 
 def test_gradients_accumulate_over_micro_steps():
@@ -295,7 +237,7 @@ def test_untied_token_table_gets_a_dense_gradient():
     torch.optim.AdamW(model.parameters()).step()  # would raise on a sparse gradient
 
 
-def test_bf16_autocast_loss_is_fp32_and_matches_plain_formulation(monkeypatch):
+def test_bf16_autocast_loss_is_fp32():
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx, targets = random_batch(128)
@@ -306,28 +248,20 @@ def test_bf16_autocast_loss_is_fp32_and_matches_plain_formulation(monkeypatch):
     torch.testing.assert_close(loss, F.cross_entropy(logits.float().view(-1, 128), targets.view(-1)))
     assert abs(loss.item() - loss32.item()) < 0.05
     loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
-    model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(model_module, "_lean", lambda device: False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss_plain = model(idx, targets)
-    loss_plain.backward()
-    torch.testing.assert_close(loss, loss_plain)
-    for name, p in model.named_parameters():  # same bf16 arithmetic, so agreement to bf16 rounding
-        torch.testing.assert_close(grads[name], p.grad, atol=1e-4, rtol=2e-2, msg=name)
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("loss_kind", ["plain", "fused"])
+def test_compiles_without_graph_breaks(loss_kind):
     torch._dynamo.reset()
-    model = GPT(tiny_config())
+    model = GPT(tiny_config(loss=loss_kind))
     idx, targets = random_batch(128)
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
-    _, loss = compiled(idx, targets)  # traced: the plain formulation
+    _, loss = compiled(idx, targets)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    _, eager_loss = model(idx, targets)  # eager on the CPU: the lean one
+    _, eager_loss = model(idx, targets)
     eager_loss.backward()
     torch.testing.assert_close(loss, eager_loss)
     for name, p in model.named_parameters():

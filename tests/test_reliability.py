@@ -247,6 +247,45 @@ def test_resume_warns_about_changed_settings(tmp_path, run, caplog):
     assert f"-> {first_dir}" not in warning  # train.resume differs by nature: not a change to warn about
 
 
+def test_resume_continues_with_this_runs_optimizer_settings(tmp_path, run, caplog):
+    # torch's load_state_dict would bring back the saved betas, eps and weight decay over the run's config
+    _, first_dir = run(tmp_path, *SMALL, "train.steps=2", "train.checkpoint_every=2", name="first")
+    gpt3 = ["optim.betas=[0.9,0.95]", "optim.weight_decay=0.1", "optim.eps=1e-6", "optim.fused=true"]
+    with caplog.at_level(logging.WARNING, logger="gpt2"):
+        resumed, _ = run(tmp_path, *SMALL, "train.steps=3", *gpt3, f"train.resume={first_dir}", name="resumed")
+    optimizer = resumed["effective"]["optimizer"]
+    assert resumed["status"] == "ok" and resumed["start_step"] == 2
+    assert optimizer["betas"] == [0.9, 0.95] and optimizer["eps"] == 1e-6
+    assert optimizer["weight_decay_groups"][0]["weight_decay"] == 0.1
+    assert "the optimizer continues with this run's settings" in caplog.text and "betas" in caplog.text
+
+
+def test_checkpoint_keeps_only_the_runs_own_gpu_rng(monkeypatch):
+    # a checkpoint from a machine with 8 GPUs must resume on one with 1: one device's state, not all of them
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7, int(device.index)]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state.tolist(), device)))
+    state = checkpoint.rng_state(torch.device("cuda", 3))
+    assert state["cuda"].tolist() == [7, 3]
+    checkpoint.set_rng_state(state, torch.device("cuda", 0))
+    assert calls == [([7, 3], torch.device("cuda", 0))]
+    calls.clear()  # an older checkpoint holding every GPU's state: the run's own index, or the last one there is
+    checkpoint.set_rng_state({"torch": state["torch"], "cuda": [torch.tensor([0]), torch.tensor([1])]},
+                             torch.device("cuda", 5))
+    assert calls == [([1], torch.device("cuda", 5))]
+    assert "cuda" not in checkpoint.rng_state(torch.device("cpu"))
+
+
+def test_no_checkpoint_at_all_when_saving_is_off(tmp_path, run, monkeypatch):
+    # benchmarks: a SIGTERM at the end of the budget must not start a 1.5 GB write
+    interrupt_after(monkeypatch, last_step=1)
+    summary, run_dir = run(tmp_path, *SMALL, "train.steps=4", "train.checkpoint_every=1",
+                           "train.save_checkpoints=false")
+    assert summary["status"] == "interrupted" and summary["steps"] == 2
+    assert not (run_dir / CHECKPOINT_NAME).exists()
+    assert "no checkpoint was written" in summary["error"]
+
+
 # ---- Ctrl-C and SIGTERM ---------------------------------------------------------------------------
 
 def signal_run(run_dir, args, signum, ready):

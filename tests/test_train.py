@@ -123,3 +123,56 @@ def test_a_failing_logger_never_ends_the_run(tmp_path, shakespeare_path, monkeyp
     s, _ = run_train(tmp_path, shakespeare_path, "logger.wandb.mode=online", "train.steps=1", "train.batch_size=2",
                      name="run2")
     assert s["status"] == "ok" and "wandb: could not start (RuntimeError: no API key)" in caplog.text
+
+
+def test_the_loop_does_not_hold_the_logits_through_backward(tmp_path, shakespeare_path, monkeypatch):
+    # (B, T, vocab) logits are 1.5 GiB at B=16 in bf16: the loop must let them go before backward
+    import weakref
+
+    import gpt2.train as train_module
+
+    alive_in_backward = []
+    real_forward = GPT.forward
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        marker = torch.empty(8)  # stands for the logits: referenced only by what the loop keeps
+        ref = weakref.ref(marker)
+        if loss.requires_grad:  # a training micro-step, not validation
+            loss.register_hook(lambda grad: alive_in_backward.append(ref() is not None))
+        return marker, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    s, _ = run_train(tmp_path, shakespeare_path, "train.steps=1", "train.batch_size=2", "train.seq_len=32",
+                     "train.total_batch_size=128")
+    assert s["status"] == "ok" and alive_in_backward == [False, False]
+    assert train_module  # the loop under test
+
+
+def test_validation_does_not_recompile_the_compiled_model(tmp_path, shakespeare_path, monkeypatch):
+    # dynamo guards on grad mode and module.training: evaluating the compiled model under no_grad/eval()
+    # would compile a second graph; validation runs the plain module instead. The eager backend keeps
+    # this test to dynamo's tracing (no C++ build), which is where recompilation is decided.
+    import functools
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    s, run_dir = run_train(tmp_path, shakespeare_path, "train.compile=true", "train.steps=3", "train.batch_size=2",
+                           "train.seq_len=32", "train.val_every=1", "train.total_batch_size=128")
+    assert s["status"] == "ok" and s["effective"]["compiled"] is True
+    assert len([line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]) == 3
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_without_a_compiler_is_one_line(monkeypatch, device):
+    from gpt2.errors import UsageError
+    from gpt2.train import check_compiler
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(UsageError, match=r"train.compile=true needs a C(\+\+)? compiler .* none was found") as e:
+        check_compiler(torch.device(device))
+    assert "\n" not in str(e.value) and "train.compile=false" in str(e.value)

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -101,6 +102,15 @@ class Bench:
                 os.killpg(proc.pid, signal.SIGKILL)
                 raise
         return code, time.monotonic() - t0
+
+    def pack(self) -> None:
+        """DIR/bench.tar.gz: every file of DIR in one archive, for machines that hand back only a few files
+        (the job folders of a sweep are deep and many)."""
+        archive = self.out / "bench.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in sorted(self.out.rglob("*")):
+                if path.is_file() and path != archive:
+                    tar.add(path, arcname=str(path.relative_to(self.out)))
 
     # ---- phases ----------------------------------------------------------------------------------
 
@@ -233,6 +243,15 @@ def _command(cmd: list) -> Optional[str]:
         return None
 
 
+def _git_commit() -> Optional[str]:
+    """HEAD of the repository the code runs from, '+dirty' when files differ from it; None outside a clone."""
+    if not (REPO / ".git").exists() or _command(["git", "-C", str(REPO), "rev-parse", "--show-toplevel"]) != str(REPO):
+        return None
+    head = _command(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    dirty = _command(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    return head and head + ("+dirty" if dirty else "")
+
+
 def environment_facts(measure: bool = True) -> dict:
     """What a result depends on: device, driver, library versions, and whether torch.compile can build."""
     import torch
@@ -244,7 +263,7 @@ def environment_facts(measure: bool = True) -> dict:
         "c_compiler": shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),
         "cxx_compiler": shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"),
         "python_headers": (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
-        "git_commit": _command(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
+        "git_commit": _git_commit(),
         "gpu": None,
     }
     try:
@@ -371,6 +390,7 @@ def main(argv=None) -> int:
         bench.record("bench", "failed", 0, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
     finally:
         print(bench.write())
+        bench.pack()
     failed = [p for p in bench.phases if p["status"] in ("failed", "timed out", "interrupted")]
     return 1 if failed else 0
 

@@ -43,6 +43,16 @@ def test_smoke_sweep_has_every_stage_and_a_report(smoke):
     assert (out / "sweep" / "report.md").is_file() and (out / "sweep" / "report.png").is_file()
 
 
+def test_smoke_packs_everything_into_one_archive(smoke):
+    import tarfile
+
+    _, out = smoke
+    with tarfile.open(out / "bench.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"bench.md", "env.json", "sweep/report.md", "sweep/0_baseline/summary.json",
+            "sweep/0_baseline/metrics.jsonl"} <= names
+
+
 def test_smoke_scan_and_table(smoke):
     _, out = smoke
     scan = json.loads((out / "bench.json").read_text())["scan"]

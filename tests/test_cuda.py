@@ -333,8 +333,12 @@ def test_fused_adamw_equals_foreach_adamw(cuda):
     # far below 1e-6 relative; a wrong bias correction, decay or eps moves weights by ~1e-4
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
+        # the moments: the fused kernel updates them with fused multiply-adds (lerp), the foreach path in two
+        # rounded steps, so an element that sums to nearly zero can differ by ~1e-9 absolute (seen on an H100:
+        # 1.1e-9 on exp_avg values of order 1e-3) and by any amount relative: compare against the tensor's scale
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(fused.state[p][key], foreach.state[q][key], rtol=1e-6, atol=1e-12,
+            ref = foreach.state[q][key]
+            torch.testing.assert_close(fused.state[p][key], ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item(),
                                        msg=lambda m: f"{name} {key}: {m}")
 
 

@@ -7,6 +7,7 @@ import sys
 import hydra
 
 from gpt2 import distributed, job
+from gpt2.errors import UsageError
 from gpt2.train import train
 
 
@@ -17,6 +18,11 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     sys.argv += distributed.hydra_overrides_for_rank(distributed.ranks_from_env())
+    try:
+        job.check_command_line(sys.argv[1:])
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     try:
         main()
     except KeyboardInterrupt:  # a signal during set-up, or a second Ctrl-C; summary.json says "interrupted"

@@ -97,6 +97,10 @@ class DataConfig:
     cache_dir: str = "${oc.env:GPT2_SPEEDRUN_CACHE,'~/.cache/gpt2-speedrun'}"
     max_chars: Optional[int] = None  # keep only the first N characters (smoke-test data sets)
     val_fraction: float = 0.1  # the last 10% of tokens are held out for validation
+    # a folder of uint16 .npy token shards ({prefix}_val_000000.npy, {prefix}_train_000001.npy, ...) as
+    # `python -m gpt2.prepare` and build-nanogpt's fineweb.py write them; set, it replaces the text above
+    shards_dir: Optional[str] = None
+    shards_prefix: str = "edufineweb"
 
 
 @dataclass
@@ -133,6 +137,9 @@ class TrainConfig:
     save_checkpoints: bool = True  # false: never write checkpoint.pt, not even on a signal (benchmarks)
     resume: Optional[str] = None  # a checkpoint file or a run folder to continue
     ddp_backend: DDPBackend = DDPBackend.auto
+    hellaswag_every: int = 0  # HellaSwag acc_norm every N steps and at the end (gpt2/hellaswag.py); 0 = never
+    hellaswag_limit: Optional[int] = None  # the first N validation rows; null = all 10,042
+    hellaswag_data: Optional[str] = None  # a local hellaswag_val.jsonl; null = download it once into the cache
 
 
 @dataclass

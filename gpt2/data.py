@@ -2,6 +2,8 @@
 
 load_tokens(cfg.data) -> uint16 ids of the whole text; train_val_split() cuts them; TokenLoader serves
 consecutive chunks of B*T tokens, shared out between data-parallel ranks, and can resume exactly.
+build_data(cfg, ...) is what a run calls: the text, or with data.shards_dir a folder of token shards
+(FineWeb-Edu, gpt2/shards.py), as a train loader and the validation tokens.
 
 The downloaded text and its tokens are cached in data.cache_dir. Every file there is written atomically
 (temporary file in the same folder, fsync, os.replace), so an interrupted run never leaves a half file.
@@ -215,3 +217,22 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.next_chunk = int(state["next_chunk"]) % self.n_chunks
+
+
+def build_data(cfg, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+    """(train loader, validation tokens) for a run: token shards when data.shards_dir is set (gpt2/shards.py),
+    else the text split by data.val_fraction. Data that in-loop evaluations need (HellaSwag) is checked here
+    too, so that a missing file fails before the first step rather than at the first evaluation."""
+    hellaswag_every = cfg.train.get("hellaswag_every") or 0
+    if hellaswag_every < 0:
+        raise UsageError(f"train.hellaswag_every={hellaswag_every} must not be negative (0: no HellaSwag)")
+    if hellaswag_every:
+        from gpt2 import hellaswag
+
+        hellaswag.examples_for_training(cfg.train)
+    if cfg.data.get("shards_dir"):
+        from gpt2.shards import open_shards
+
+        return open_shards(str(cfg.data.shards_dir), cfg.data.shards_prefix, batch_size, seq_len, rank, world_size)
+    train_tokens, val_tokens = train_val_split(load_tokens(cfg.data), cfg.data.val_fraction)
+    return TokenLoader(train_tokens, batch_size, seq_len, rank, world_size), val_tokens

@@ -1,4 +1,4 @@
-"""Hydra hooks: never write into a folder that holds an earlier run; a report when a sweep ends."""
+"""Hydra hooks: one run per folder (claimed before anything is written); a report when a sweep ends."""
 
 import logging
 import sys
@@ -7,29 +7,30 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from . import distributed
-from .job import earlier_run_in
+from .errors import UsageError
+from .job import claim_folder
 
 log = logging.getLogger("gpt2.sweep")
 
 
-def _refuse_used_folder(folder: str, key: str) -> None:
+def _claim(folder: str, key: str) -> None:
     # runs before Hydra writes .hydra/ or the log file into the folder, so nothing is overwritten; under
-    # torchrun only rank 0 looks (the others would find its fresh summary); if it refuses, torchrun stops them
+    # torchrun only rank 0 claims (the others would find its claim); if it refuses, torchrun stops them
     if not distributed.ranks_from_env().is_main:
         return
-    status = earlier_run_in(Path(folder))
-    if status is not None:
-        print(f"error: {folder} already holds a run (status: {status}); nothing was overwritten. "
-              f"Choose another {key}=..., or continue that run with train.resume={folder}", file=sys.stderr)
-        sys.exit(2)
+    try:
+        claim_folder(Path(folder), key)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 class SpeedrunCallbacks(Callback):
     def on_run_start(self, config, **kwargs) -> None:
-        _refuse_used_folder(config.hydra.run.dir, "hydra.run.dir")
+        _claim(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        _refuse_used_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+        _claim(config.hydra.sweep.dir, "hydra.sweep.dir")
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if not distributed.ranks_from_env().is_main:

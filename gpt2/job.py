@@ -5,12 +5,18 @@ a job raises. So a job never raises: it records its failure in summary.json, the
 process exits non-zero at the end (`exit_code`).
 """
 
+import atexit
 import contextlib
 import datetime
+import fcntl
 import json
 import logging
+import math
+import os
+import re
 import shlex
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -33,6 +39,26 @@ register_configs()
 OmegaConf.register_new_resolver("shared_now", distributed.shared_now, use_cache=True, replace=True)
 
 
+def plain_name(name: str) -> str:
+    """A stage name as it goes into a folder name: letters, digits, '-', '_', '.', never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", str(name)):
+        raise UsageError(f"stage.name={name!r} is not a plain name: use letters, digits, '-', '_' and '.' (it names "
+                         "the run's folder)")
+    return str(name)
+
+
+OmegaConf.register_new_resolver("plain_name", plain_name, replace=True)
+
+
+def check_command_line(args: list) -> None:
+    """What must be refused before Hydra starts: a stage name that would make a folder outside outputs/."""
+    for arg in args:
+        key, _, given = arg.lstrip("+~").partition("=")
+        if key == "stage.name":
+            for name in given.split(","):  # a sweep over names: a,b,c
+                plain_name(name.strip().strip("'\""))
+
+
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -44,9 +70,47 @@ def command_line() -> str:
     return shlex.join(launcher + argv)
 
 
+def strict_json_value(value):
+    """The value with every non-finite float as its string ("nan", "inf"): JSON has no NaN, and jq,
+    browsers and most readers refuse the NaN that Python's json would write (e.g. optim.lr=nan, refused)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(v) for v in value]
+    return value
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
-    atomic_write_bytes(Path(run_dir) / "summary.json",
-                       lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    text = json.dumps(strict_json_value(summary), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(run_dir) / "summary.json", lambda f: f.write(text.encode()))
+
+
+def _save_summary(run_dir: Path, summary: dict) -> None:
+    """write_summary, or (disk full, folder gone) one line on the console saying what it would have said."""
+    try:
+        write_summary(run_dir, summary)
+    except OSError as e:
+        print(f"error: could not write {Path(run_dir) / 'summary.json'} ({e.strerror or e}); the run's status: "
+              f"{summary['status']}" + (f" ({summary['error']})" if summary.get("error") else ""), file=sys.stderr)
+
+
+class RunLogHandler(logging.FileHandler):
+    """run.log, which gives up quietly when it cannot be written (disk full): one line on the console once,
+    instead of logging's traceback for every record; the console keeps every line."""
+
+    def handleError(self, record) -> None:
+        if getattr(self, "_broken", False):
+            return
+        self._broken = True
+        error = sys.exc_info()[1]
+        print(f"warning: cannot write {self.baseFilename} ({getattr(error, 'strerror', None) or error}); the log "
+              "goes to the console only from here", file=sys.stderr)
+
+    def emit(self, record) -> None:
+        if not getattr(self, "_broken", False):
+            super().emit(record)
 
 
 def with_stage_overrides(cfg):
@@ -93,16 +157,18 @@ def _stop_at_once(signum, frame):
 
 @contextlib.contextmanager
 def sigterm_stops_at_once():
-    """SIGTERM outside the training steps (set-up, final validation) stops like a Ctrl-C there: at once, but
-    with summary.json saying "interrupted". Inside the steps train.StopFlag finishes the step and saves."""
-    previous = None
+    """SIGTERM or SIGHUP outside the training steps (set-up, the summary) stops like a Ctrl-C there: at once,
+    but with summary.json saying "interrupted". Inside the steps and the final validation train.StopFlag
+    finishes what is in flight and saves."""
+    previous = {}
     with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
-        previous = signal.signal(signal.SIGTERM, _stop_at_once)
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal or ssh session closed
+            previous[sig] = signal.signal(sig, _stop_at_once)
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_job(cfg, train_fn) -> dict:
@@ -112,7 +178,7 @@ def run_job(cfg, train_fn) -> dict:
     ranks = distributed.ranks_from_env()
     summary = new_summary(cfg, hydra_cfg)
     if ranks.is_main:
-        write_summary(run_dir, summary)  # "running": a process killed hard is never mistaken for a finished run
+        _save_summary(run_dir, summary)  # "running": a process killed hard is never mistaken for a finished run
     code = 1
     try:
         cfg = with_stage_overrides(cfg)
@@ -139,7 +205,7 @@ def run_job(cfg, train_fn) -> dict:
     finally:
         summary["finished_at"] = now_utc()
         if ranks.is_main:
-            write_summary(run_dir, summary)
+            _save_summary(run_dir, summary)
         distributed.destroy_process_group()
     if summary["status"] == "interrupted":
         _sweep_interrupted = True
@@ -155,13 +221,72 @@ def exit_code() -> int:
     return 2 if all(code == 2 for _, _, code in _failures) else 1
 
 
+RUN_FILES = ("summary.json", "checkpoint.pt", "metrics.jsonl")  # any of them: the folder holds a run
+LOCK_NAME = ".gpt2-speedrun.lock"
+
+
 def earlier_run_in(folder: Path):
     """The status of a run that already wrote into `folder` (or its job sub-folders), else None."""
-    for path in [Path(folder) / "summary.json", *Path(folder).glob("*/summary.json")]:
-        if not path.is_file():
-            continue
-        try:
-            return json.loads(path.read_text()).get("status") or "unknown"
-        except (OSError, ValueError):
-            return "unreadable"
+    for job_dir in [Path(folder), *sorted(p for p in Path(folder).glob("*") if p.is_dir())]:
+        summary = job_dir / "summary.json"
+        if summary.is_file():
+            try:
+                status = json.loads(summary.read_text()).get("status")
+                return status or "unknown"
+            except (OSError, ValueError, AttributeError):
+                return "unreadable summary.json"
+        found = [name for name in RUN_FILES[1:] if (job_dir / name).exists()]
+        if found:
+            return f"unknown: {', '.join(found)} but no summary.json"
     return None
+
+
+_claimed = {}  # folder -> open lock file: the lock lives as long as this process, and dies with it
+
+
+def claim_folder(folder: Path, key: str) -> None:
+    """One folder, one run: refuse a folder that holds an earlier run or that another process is using.
+
+    An exclusive flock on a lock file inside the folder decides between two runs started at once; the OS
+    drops it when its process ends, however it ends, so a killed run never leaves a stale claim. The check
+    for earlier run files is made before anything is created (a refused folder is left as it was) and again
+    once the lock is held (the other run may have written in between).
+    """
+    folder = Path(folder)
+    if folder in _claimed:
+        return
+    status = earlier_run_in(folder)
+    if status is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = (folder / LOCK_NAME).open("a+")
+        except OSError as e:
+            raise UsageError(f"{key}={folder}: cannot write there ({e.strerror}); choose a folder you can write "
+                             f"to with {key}=...") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            owner = lock.read().strip() or "unknown"
+            lock.close()
+            raise UsageError(f"{folder} is in use by another run (process {owner}); nothing was written. Choose "
+                             f"another {key}=..., or wait for that run to end") from None
+        status = earlier_run_in(folder)
+        if status is None:
+            lock.truncate(0)
+            lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+            _claimed[folder] = lock
+            atexit.register(_release, folder)
+            return
+        lock.close()
+    raise UsageError(f"{folder} already holds a run (status: {status}); nothing was overwritten. Choose another "
+                     f"{key}=..., or continue that run with train.resume={folder}")
+
+
+def _release(folder: Path) -> None:
+    lock = _claimed.pop(folder, None)
+    if lock is not None:
+        with contextlib.suppress(OSError):
+            (folder / LOCK_NAME).unlink()
+        lock.close()

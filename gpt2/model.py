@@ -1,5 +1,7 @@
 """GPT-2 in one file: config, blocks, the model, Hugging Face weights in and out, and sampling.
 
+Sampling itself (the KV cache, top-k/top-p, stop strings, batches of prompts) is in gpt2/generation.py.
+
 The model knows nothing of training: no optimizer, no schedule, no device policy. Names follow the
 Hugging Face checkpoint (transformer.wte, transformer.h.0.attn.c_attn, ...) so weights map one to one.
 """
@@ -45,8 +47,9 @@ class GPTConfig:
             raise ValueError(f"loss must be 'plain' or 'fused', not {self.loss!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.tokenizer_vocab_size is None or self.tokenizer_vocab_size > self.vocab_size:
-            self.tokenizer_vocab_size = min(self.vocab_size, self.tokenizer_vocab_size or self.vocab_size)
+        if self.tokenizer_vocab_size is None:  # a table padded beyond GPT-2's 50257 ids (50304) is padding
+            self.tokenizer_vocab_size = min(self.vocab_size, GPT2_VOCAB_SIZE)
+        self.tokenizer_vocab_size = min(self.tokenizer_vocab_size, self.vocab_size)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -71,15 +74,21 @@ class CausalSelfAttention(nn.Module):
             mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
             self.register_buffer("mask", mask.view(1, 1, config.block_size, config.block_size), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:  # generation: this layer's keys and values of earlier positions come from the cache
+            k, v = cache.update(k, v)  # (B, nh, past + T, hs)
+            mask = cache.mask  # (B, 1, T, past + T), True = may attend (causal, and no left padding); None: all
+        else:
+            mask = None if self.attention == "flash" else self.mask[:, :, :T, :T]
         if self.attention == "flash":
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            att = att.masked_fill(~self.mask[:, :, :T, :T], float("-inf"))
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
             y = F.softmax(att, dim=-1) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
@@ -105,8 +114,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -149,21 +158,26 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache=None):
         """logits (B, T, vocab_size) and, when targets (B, T) are given, the mean cross-entropy (fp32) over
         targets != -100. With config.loss == "fused" and targets given, lm_head and the loss run fused and
-        chunked (gpt2/fused_loss.py): the full logits are never made, and None stands in their place."""
+        chunked (gpt2/fused_loss.py): the full logits are never made, and None stands in their place.
+        With a KV cache (gpt2/generation.py) idx holds only the new positions, their positions come from the
+        cache, and only the last position's logits are computed: (B, 1, vocab_size)."""
         B, T = idx.size()
-        if T > self.config.block_size:
+        if cache is not None:
+            pos = cache.positions  # (B, T): each row counts from its first real token (left padding)
+        elif T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the context of {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        else:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache.layers[i])
         x = self.transformer.ln_f(x)
         if targets is not None and self.config.loss == "fused":
             return None, fused_linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
-        logits = self.lm_head(x)
+        logits = self.lm_head(x if cache is None else x[:, -1:])
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
@@ -171,19 +185,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to each row of idx (B, T); padded ids are never drawn."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            logits = logits[:, -1, : self.config.tokenizer_vocab_size].float() / max(temperature, 1e-8)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
-            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, next_id), dim=1)
-        return idx
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True) -> torch.Tensor:
+        """Append max_new_tokens tokens to each row of idx (B, T): temperature 0 is greedy, else sampled from
+        the top_k tokens and/or the nucleus of mass top_p; padded ids are never drawn. With the KV cache the
+        prompt is read once and then one position per token; use_cache=False recomputes the whole context for
+        every token (same tokens). Prompts of different lengths, stop strings, streaming: gpt2/generation.py."""
+        from gpt2.generation import generate_ids  # the sampler and its KV cache live there
+
+        return generate_ids(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            generator=generator, use_cache=use_cache)
 
     # ---- Hugging Face weights: in and out --------------------------------------------------------
 

@@ -49,10 +49,15 @@ HEADER_FIELDS = [("device", "device"), ("torch", "torch_version"), ("CUDA", "cud
 
 def _read_summary(run_dir: Path):
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError) as e:
         log.warning("%s: no readable summary.json (%s); shown as incomplete", run_dir, e.__class__.__name__)
         return None
+    if not isinstance(summary, dict):
+        log.warning("%s: summary.json holds a %s, not a run's summary; shown as incomplete", run_dir,
+                    type(summary).__name__)
+        return None
+    return summary
 
 
 def load_runs(folder) -> pd.DataFrame:
@@ -343,7 +348,12 @@ def build_report(folders: list, out_dir=None) -> dict:
     folders = [Path(f) for f in folders]
     frames = [load_runs(f) for f in folders]
     out = Path(out_dir) if out_dir is not None else folders[0]
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"report: --out {out} is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"report: cannot create --out {out} ({e.strerror}); give a folder you can write to") from None
     labels = _device_labels(frames, folders)
     md = ["# GPT-2 speed-up report", "",
           "Measured by this project's training loop; every figure below comes from the runs' own summary.json "

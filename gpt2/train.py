@@ -27,19 +27,12 @@ from . import checkpoint, distributed, metrics
 from .data import TokenLoader, load_tokens, train_val_split
 from .config import option_str as value
 from .errors import UsageError
-from .model import GPT, PRESETS, GPTConfig
+from .checks import check_config, check_sizes
+from .model import GPT
 from .optim import build_optimizer, describe_optimizer, grad_norm_and_clip, lr_at, set_lr
 from .tracking import WandbRun
 
 log = logging.getLogger("gpt2.train")
-
-
-def gpt_config_from(model_cfg) -> GPTConfig:
-    """The model's GPTConfig from the run's `model` section: the preset, then any sizes set explicitly."""
-    return GPTConfig.from_preset(
-        model_cfg.name, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd,
-        block_size=model_cfg.block_size, vocab_size=model_cfg.vocab_size, attention=value(model_cfg.attention),
-        loss=value(model_cfg.loss))
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
@@ -82,43 +75,7 @@ def configure_torch(cfg, device: torch.device) -> None:
     metrics.reset_peak_memory(device)
 
 
-def check_config(cfg, ranks: distributed.Ranks) -> GPTConfig:
-    """Catch the values Hydra's types cannot: sizes, ranges, and how they fit together; the model's config."""
-    t, o = cfg.train, cfg.optim
-    positive = {"train.batch_size": t.batch_size, "train.seq_len": t.seq_len, "train.val_batches": t.val_batches,
-                "train.total_batch_size": t.total_batch_size, "optim.lr": o.lr, "model.n_layer": cfg.model.n_layer,
-                "model.n_head": cfg.model.n_head, "model.n_embd": cfg.model.n_embd,
-                "model.block_size": cfg.model.block_size, "model.vocab_size": cfg.model.vocab_size}
-    for key, v in positive.items():
-        if v is not None and v <= 0:
-            raise UsageError(f"{key}={v} must be positive")
-    not_negative = {"train.steps": t.steps, "train.timing_skip": t.timing_skip, "train.val_every": t.val_every,
-                    "train.checkpoint_every": t.checkpoint_every, "optim.warmup_steps": o.warmup_steps,
-                    "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip}
-    for key, v in not_negative.items():
-        if v is not None and v < 0:
-            raise UsageError(f"{key}={v} must not be negative")
-    if cfg.model.name not in PRESETS:
-        raise UsageError(f"model.name={cfg.model.name} is not a preset: choose one of {', '.join(PRESETS)}")
-    preset = dict(zip(("n_layer", "n_head", "n_embd", "block_size"), PRESETS[cfg.model.name]))
-    n_head, n_embd = cfg.model.n_head or preset["n_head"], cfg.model.n_embd or preset["n_embd"]
-    if n_embd % n_head:
-        raise UsageError(f"model.n_head={n_head} does not divide model.n_embd={n_embd}: choose a number of "
-                         "heads that divides the width")
-    gpt_config = gpt_config_from(cfg.model)
-    seq_len = t.seq_len or gpt_config.block_size
-    if seq_len > gpt_config.block_size:
-        raise UsageError(f"train.seq_len={seq_len} is longer than the model's context of {gpt_config.block_size}: "
-                         f"use train.seq_len<={gpt_config.block_size} or a larger model.block_size")
-    micro_tokens = t.batch_size * seq_len * ranks.world_size
-    if t.total_batch_size is not None and t.total_batch_size % micro_tokens:
-        raise UsageError(f"train.total_batch_size={t.total_batch_size} is not divisible by B*T*world = "
-                         f"{t.batch_size}*{seq_len}*{ranks.world_size} = {micro_tokens}: use a multiple of "
-                         f"{micro_tokens}, or change train.batch_size / train.seq_len")
-    return gpt_config
-
-
-def build_model(cfg, gpt_config: GPTConfig, device: torch.device) -> GPT:
+def build_model(cfg, gpt_config, device: torch.device, world_size: int = 1) -> GPT:
     if cfg.model.init_from == "scratch":
         model = GPT(gpt_config)
     else:
@@ -129,11 +86,16 @@ def build_model(cfg, gpt_config: GPTConfig, device: torch.device) -> GPT:
             raise UsageError(f"model.init_from={cfg.model.init_from}: could not load Hugging Face weights "
                              f"({str(e).splitlines()[0]}); give a hub name (gpt2 ... gpt2-xl) with network "
                              "access, or a folder written by transformers") from None
+        check_sizes(cfg, model.config.block_size, world_size)  # the weights' context, known only now
     return model.to(device)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal or ssh session closed
+
+
 class StopFlag:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second Ctrl-C stops at once."""
+    """Ctrl-C, SIGTERM or SIGHUP asks the loop to stop after the current step (or the final validation);
+    a second Ctrl-C stops at once."""
 
     def __init__(self):
         self.requested = False
@@ -147,7 +109,7 @@ class StopFlag:
 
     def __enter__(self):
         with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -264,12 +226,12 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
     B, T, W = cfg.train.batch_size, cfg.train.seq_len or gpt_config.block_size, ranks.world_size
     total_batch = cfg.train.total_batch_size or B * T * W
     grad_accum = total_batch // (B * T * W)
-    train_tokens, val_tokens = train_val_split(load_tokens(cfg.data), cfg.data.val_fraction)
-    train_loader = TokenLoader(train_tokens, B, T, ranks.rank, W)
+    from .data import build_data  # the text (data.path / download), or token shards (data.shards_dir)
+    train_loader, val_tokens = build_data(cfg, B, T, ranks.rank, W)
     summary.update(batch_size=B, seq_len=T, tokens_per_step=total_batch, grad_accum_steps=grad_accum)
 
     # model, wrapped for data parallelism (DDP) and for speed (compile); raw_model is what we save
-    raw_model = build_model(cfg, gpt_config, device)
+    raw_model = build_model(cfg, gpt_config, device, W)
     model = ddp_model = None
     if W > 1:
         # gradients as views of DDP's buckets: no second copy of them (about 0.5 GB for 124M); the only
@@ -299,6 +261,9 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
         run.tracker = WandbRun(cfg, run_dir)
     summary.update(compute_dtype=dtype, mfu_peak_tflops=peak, mfu_peak_source=peak_source,
                    params=raw_model.num_params(non_embedding=False))
+    if value(cfg.optim.schedule) == "cosine" and 0 < cfg.train.steps <= cfg.optim.warmup_steps and ranks.is_main:
+        log.warning(f"optim.warmup_steps={cfg.optim.warmup_steps} is not shorter than train.steps={cfg.train.steps}: "
+                    "the learning rate never reaches optim.lr (fine for a timing run, not for training)")
     if ranks.is_main:
         log.info(f"{summary['stage']}: {summary['params']:,} parameters on {summary['device']} x{W}, "
                  f"B={B} T={T}, {total_batch:,} tokens/step = {grad_accum} micro-step(s)"
@@ -411,21 +376,31 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                 run.tracker.log(record)
             if cfg.train.val_every and steps_done % cfg.train.val_every == 0 and steps_done < cfg.train.steps:
                 val_loss = run.validate(step)
+            if cfg.train.hellaswag_every and (steps_done % cfg.train.hellaswag_every == 0
+                                              or steps_done == cfg.train.steps):
+                from .hellaswag import evaluate_in_run  # HellaSwag acc_norm on the plain module, rows shared by ranks
+                summary.update(evaluate_in_run(run, step))
             if cfg.train.checkpoint_every and steps_done % cfg.train.checkpoint_every == 0:
                 run.save(steps_done)
             if distributed.any_rank(stop.requested, run.device):
                 status = "interrupted"
-                run.save(steps_done)
-                summary["error"] = f"stopped by a signal after step {step}" + (
-                    f"; resume with train.resume={run_dir}" if run.saved_step == steps_done else
-                    " (train.save_checkpoints=false: no checkpoint was written)")
-                log.warning(summary["error"])
                 break
-
-    if status == "ok":
-        val_loss = run.validate(max(steps_done - 1, 0))
-        if cfg.train.checkpoint_every:
-            run.save(steps_done)
+        stopping = status == "interrupted"
+        if status == "ok":
+            # still under StopFlag: a signal now lets the validation finish, then saves below
+            val_loss = run.validate(max(steps_done - 1, 0))
+            if cfg.train.checkpoint_every:
+                run.save(steps_done)
+            stopping = distributed.any_rank(stop.requested, run.device)  # every rank decides alike
+        if stopping:
+            status = "interrupted"
+            if steps_done > summary.get("start_step", 0):
+                run.save(steps_done)
+            summary["error"] = f"stopped by a signal after {steps_done} of {cfg.train.steps} steps" + (
+                f"; resume with train.resume={run_dir}" if run.saved_step == steps_done else
+                " (train.save_checkpoints=false: no checkpoint was written)" if not cfg.train.save_checkpoints
+                else "")
+            log.warning(summary["error"])
     summary.update(status=status, steps=steps_done, final_loss=last_loss, val_loss=val_loss,
                    effective=effective_settings(run))
     summarise(run, summary, step_ms)

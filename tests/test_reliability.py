@@ -79,13 +79,13 @@ def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tiny_checkpoint(path, **sizes):
+def tiny_checkpoint(path, config_yaml="model:\n  name: tiny\n", **sizes):
     """A real checkpoint of an untrained tiny model (optionally resized), as a run writes it."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", **sizes))
     optimizer = build_optimizer(model, compose_with([]).optim, torch.device("cpu"))
     save_checkpoint(path, model=model, optimizer=optimizer, step=1, data_state={"next_chunk": 1},
-                    config_yaml="model:\n  name: tiny\n",
+                    config_yaml=config_yaml,
                     model_shape={k: getattr(model.config, k) for k in SHAPE_KEYS})
     return path
 
@@ -313,7 +313,7 @@ def two_steps_logged(run_dir):
     return metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= 2
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signal_finishes_the_step_saves_and_exits_non_zero(tmp_path, run, data_args, signum):
     run_dir = tmp_path / "run"
     code, out = signal_run(run_dir, cli_args(data_args, run_dir, "train.steps=100000"), signum, two_steps_logged)
@@ -327,6 +327,89 @@ def test_signal_finishes_the_step_saves_and_exits_non_zero(tmp_path, run, data_a
                                f"train.resume={run_dir}", name="resumed")
     assert resumed["status"] == "ok"
     assert [r["step"] for r in records(resumed_dir)] == [summary["steps"], summary["steps"] + 1]
+
+
+def test_a_signal_during_the_final_validation_still_saves_the_last_step(tmp_path, run, monkeypatch):
+    # checkpoint_every=0 (the default): without this, every trained step would be lost
+    original = train_module.Run.validate
+
+    def validate(self, step):
+        signal.raise_signal(signal.SIGTERM)
+        return original(self, step)
+
+    monkeypatch.setattr(train_module.Run, "validate", validate)
+    summary, run_dir = run(tmp_path, *SMALL, "train.steps=2")
+    assert summary["status"] == "interrupted" and summary["steps"] == 2
+    assert summary["val_loss"] is not None  # the validation in flight was finished
+    assert torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    assert f"train.resume={run_dir}" in summary["error"]
+
+
+def _save_that(monkeypatch, action, on_write=3, on_save=1):
+    """checkpoint's torch.save, whose call number `on_save` calls action() (a signal, a full disk) at its
+    file write number `on_write`; the other calls save normally."""
+    real_save = torch.save
+    saves = [0]
+
+    def save(obj, f):
+        saves[0] += 1
+        writes = [0]
+        real_write = f.write
+
+        def write(data):
+            writes[0] += 1
+            if saves[0] == on_save and writes[0] == on_write:
+                action()
+            return real_write(data)
+
+        f.write = write
+        return real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+
+
+def test_a_second_ctrl_c_while_saving_keeps_the_previous_checkpoint(tmp_path, run, monkeypatch):
+    interrupt_after(monkeypatch, last_step=1)  # the first Ctrl-C: finish the step, then save and stop
+    _save_that(monkeypatch, lambda: signal.raise_signal(signal.SIGINT), on_save=2)  # the second, while saving
+    with pytest.raises(KeyboardInterrupt):  # stops at once, as a second Ctrl-C does (run.py: exit 130)
+        run(tmp_path, *SMALL, "train.steps=4", "train.checkpoint_every=1")
+    run_dir = tmp_path / "run"
+    assert torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["step"] == 1  # the previous one, intact
+    assert not list(run_dir.glob(".checkpoint.pt.*.tmp"))  # and no half-written file beside it
+
+
+def test_a_full_disk_while_saving_is_said_plainly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    path = tiny_checkpoint(tmp_path / CHECKPOINT_NAME)
+    before = digest(path)
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _save_that(monkeypatch, disk_full)
+    with pytest.raises(OSError, match=f"no space left on the device of {tmp_path} .writing checkpoint.pt.; the "
+                                      "previous checkpoint.pt is kept"):
+        tiny_checkpoint(path)
+    assert digest(path) == before and not list(tmp_path.glob(".checkpoint.pt.*.tmp"))
+
+
+def test_a_run_log_that_cannot_be_written_says_so_once(tmp_path, capsys):
+    from gpt2.job import RunLogHandler
+
+    handler = RunLogHandler(tmp_path / "run.log")
+    handler.stream.close()
+    handler.stream = open("/dev/full", "w")  # every write fails with "No space left on device"
+    logger = logging.getLogger("gpt2.test_full_disk")
+    logger.addHandler(handler)
+    try:
+        for i in range(5):
+            logger.error(f"line {i}")
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err and "No space left on device" in err
+    assert "Traceback" not in err
 
 
 def test_sigterm_during_set_up_still_records_the_interruption(tmp_path, shakespeare_path):
@@ -377,6 +460,40 @@ def test_a_finished_run_folder_is_never_overwritten(finished_run, data_args):
         f"hydra.run.dir=..., or continue that run with train.resume={run_dir}"]
     assert sorted(p for p in run_dir.rglob("*") if p.is_file()) == files
     assert {p: digest(p) for p in files} == before
+
+
+def test_a_checkpoint_without_a_summary_is_a_run_too(tmp_path, data_args):
+    run_dir = tmp_path / "run"
+    path = tiny_checkpoint(run_dir / CHECKPOINT_NAME)
+    before = digest(path)
+    result = run_py(*cli_args(data_args, run_dir, "train.steps=1", "train.checkpoint_every=1"))
+    assert result.returncode == 2 and "already holds a run (status: unknown: checkpoint.pt but no summary.json)" \
+        in output_of(result)
+    assert digest(path) == before and sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_two_runs_started_into_one_folder_at_once(tmp_path, data_args):
+    # the other run holds the folder's lock (as a live process would); the second start is refused and
+    # writes nothing; the lock dies with its process, so a killed run never blocks the folder for good
+    import fcntl
+
+    from gpt2.job import LOCK_NAME
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / LOCK_NAME, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242 on elsewhere\n")
+        lock.flush()
+        result = run_py(*cli_args(data_args, run_dir, "train.steps=1"))
+        assert result.returncode == 2
+        assert output_of(result).strip().splitlines() == [
+            f"error: {run_dir} is in use by another run (process 4242 on elsewhere); nothing was written. Choose "
+            "another hydra.run.dir=..., or wait for that run to end"]
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]
+    result = run_py(*cli_args(data_args, run_dir, "train.steps=1"))  # the holder is gone: the folder is free
+    assert result.returncode == 0, output_of(result)
+    assert strict_json(run_dir / "summary.json")["status"] == "ok" and not (run_dir / LOCK_NAME).exists()
 
 
 # ---- divergence -----------------------------------------------------------------------------------
@@ -478,6 +595,26 @@ BAD_INPUT = {
                                "the checkpoint is for a different model (n_embd: checkpoint 128 vs run 64)", "usage"),
     "checkpoint-other-optimizer": (["+stage=gpt3-optim", "model.vocab_size=50257", "train.resume={tmp}/good.pt"],
                                    "the checkpoint does not fit this run's model or optimizer", "usage"),
+    "checkpoint-of-adamw-resumed-as-sgd": (["optim.name=sgd", "train.resume={tmp}/adamw.pt"],
+                                           "the checkpoint was trained with optim.name=adamw, this run asks for "
+                                           "optim.name=sgd", "usage"),
+    "lr-nan": (["optim.lr=nan"], "optim.lr=nan must be a positive number", "usage"),
+    "betas-out-of-range": (["optim.betas=[1.5,0.9]"], "optim.betas=[1.5, 0.9] must be two numbers in [0, 1)", "usage"),
+    "betas-one-value": (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)", "usage"),
+    "eps-negative": (["optim.eps=-1"], "optim.eps=-1.0 must be a small positive number", "usage"),
+    "min-lr-ratio-negative": (["optim.min_lr_ratio=-5"], "optim.min_lr_ratio=-5.0 must be in [0, 1]", "usage"),
+    "momentum-one": (["optim.momentum=1"], "optim.momentum=1.0 must be in [0, 1)", "usage"),
+    "grad-clip-zero": (["optim.grad_clip=0"], "optim.grad_clip=0.0 must be positive", "usage"),
+    "vocab-below-tokenizer": (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the GPT-2 tokenizer's "
+                                                        "50257 ids", "usage"),
+    "val-fraction-one": (["data.val_fraction=1"], "data.val_fraction=1.0 must be in [0, 1)", "usage"),
+    "cache-dir-is-a-file": (["data.cache_dir={tmp}/empty.txt"], "data.cache_dir={tmp}/empty.txt is a file", "usage"),
+    "init-from-with-sizes": (["model.init_from={tmp}", "model.n_embd=128"],
+                             "model.n_embd=128 cannot be combined with model.init_from={tmp}", "usage"),
+    # refused before Hydra starts: no folder at all (a stage name becomes a folder name)
+    "stage-name-is-a-path": (["stage.name=../../x"], "stage.name='../../x' is not a plain name", "early"),
+    "output-folder-not-writable": (["hydra.run.dir=/proc/gpt2-speedrun/run"],
+                                   "hydra.run.dir=/proc/gpt2-speedrun/run: cannot write there", "early"),
 }
 
 
@@ -495,6 +632,7 @@ def refusals(tmp_path_factory, data_args):
     (files / "garbage.pt").write_bytes(os.urandom(4096))
     _write_pickle_bomb(files / "bomb.pt", tmp / "pwned")
     tiny_checkpoint(files / "wide.pt", n_embd=128)
+    tiny_checkpoint(files / "adamw.pt", config_yaml="model:\n  name: tiny\noptim:\n  name: adamw\n")
     digests = {p: digest(p) for p in files.iterdir()}
 
     def attempt(case):
@@ -521,6 +659,9 @@ def test_bad_input_is_one_clear_line(case, refusals):
         assert out.strip().splitlines() == [f"error: {strict_json(run_dir / 'summary.json')['error']}"]
         assert strict_json(run_dir / "summary.json")["status"] == "failed"
         assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / CHECKPOINT_NAME).exists()
+    elif who == "early":
+        assert result.returncode == 2 and len(out.strip().splitlines()) == 1 and out.startswith("error: ")
+        assert not run_dir.exists()
     else:
         assert result.returncode == 1
         assert len(out.strip().splitlines()) <= 20  # Hydra's own message, not a stack trace

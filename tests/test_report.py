@@ -239,3 +239,17 @@ def test_cli_matches_api_byte_for_byte_in_a_fresh_process(sweep):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert {k: (sweep / f"report.{k}").read_bytes() for k in first} == first
+
+
+def test_odd_inputs_are_one_line(tmp_path, capsys):
+    run = tmp_path / "sweep" / "0_baseline"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text("[1, 2, 3]")  # valid JSON, not a summary
+    assert main([str(tmp_path / "sweep")]) == 0  # the run shows as incomplete
+    assert "incomplete" in (tmp_path / "sweep" / "report.md").read_text()
+    (tmp_path / "a-file").write_text("x")
+    capsys.readouterr()
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err == f"error: report: --out {tmp_path / 'a-file'} is a file, not a folder; give a " \
+                                      "folder (it is created if missing)\n"
+    assert (tmp_path / "a-file").read_text() == "x"

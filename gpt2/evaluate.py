@@ -1,0 +1,101 @@
+"""Evaluate a model: a run of ours (its folder or checkpoint file), or Hugging Face GPT-2 weights.
+
+    python -m gpt2.evaluate hellaswag --init gpt2                                  # GPT-2 124M: acc_norm 0.2955
+    python -m gpt2.evaluate hellaswag --init outputs/2026-11-25/10-00-00_gpt2_124m_fineweb --out hs.json
+    python -m gpt2.evaluate hellaswag --init RUN --data hellaswag_val.jsonl --limit 500   # offline, 500 rows
+
+Prints acc and acc_norm and writes them, with n and the settings, to --out as JSON.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2 import hellaswag
+from gpt2.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from gpt2.errors import UsageError
+from gpt2.model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+
+TASKS = ("hellaswag",)
+
+
+def load_model(init: str) -> GPT:
+    """A checkpoint file or run folder of ours, else a Hugging Face hub name (gpt2 ... gpt2-xl) or folder."""
+    path = Path(init).expanduser()
+    if path.is_file() or (path / CHECKPOINT_NAME).is_file():
+        try:
+            state = load_checkpoint(str(path))
+        except UsageError as e:  # its messages name the training key
+            raise UsageError(str(e).replace("train.resume=", "--init ").replace("point train.resume at",
+                                                                                 "give --init")) from None
+        model = GPT(GPTConfig(**state["model_shape"], attention="flash", tokenizer_vocab_size=GPT2_VOCAB_SIZE))
+        model.load_state_dict(state["model"])
+        return model
+    try:
+        return GPT.from_pretrained(init)
+    except (OSError, ValueError) as e:  # not on the hub / offline / not a valid repo id
+        raise UsageError(f"--init {init}: not a checkpoint, a run folder holding {CHECKPOINT_NAME}, a transformers "
+                         f"folder or a reachable Hugging Face model ({str(e).splitlines()[0][:200]})") from None
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA device: use --device cpu (or auto)")
+    return torch.device(requested)
+
+
+def run_hellaswag(init: str, data=None, limit=None, device="auto", dtype="fp32", batch_examples: int = 4,
+                  progress: bool = False) -> dict:
+    device = pick_device(device)
+    examples = hellaswag.load_examples(hellaswag.data_file(data), limit)
+    model = load_model(init).to(device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32, as build-nanogpt's hellaswag.py
+    bf16 = dtype == "bf16"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    start = time.perf_counter()
+    result = hellaswag.evaluate(model, examples, device, autocast, batch_examples=batch_examples, progress=progress)
+    return {"task": "hellaswag", **result, "init": init, "data": str(hellaswag.data_file(data)),
+            "device": str(device), "dtype": dtype, "seconds": round(time.perf_counter() - start, 2),
+            "published": hellaswag.PUBLISHED}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpt2.evaluate", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:5]))
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--init", required=True, help="a run folder, a checkpoint file, or a Hugging Face name / folder")
+    p.add_argument("--data", help=f"a local {hellaswag.FILE_NAME} (default: downloaded once into the cache)")
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--out", help="write the result here as JSON")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 (TF32 on GPU) or bf16 autocast")
+    p.add_argument("--batch", type=int, default=4, help="rows per forward pass (4 endings each)")
+    args = p.parse_args(argv)
+    try:
+        if args.batch < 1:
+            raise UsageError(f"--batch={args.batch} must be positive")
+        result = run_hellaswag(args.init, args.data, args.limit, args.device, args.dtype, args.batch,
+                               progress=sys.stderr.isatty())
+        if args.out:
+            out = Path(args.out).expanduser()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return UsageError.exit_code
+    print(f"hellaswag: {result['n']} rows | acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} "
+          f"(GPT-2 124M, same scoring: acc 0.2859, acc_norm 0.2955)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

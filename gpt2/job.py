@@ -280,8 +280,9 @@ def claim_folder(folder: Path, key: str) -> None:
             atexit.register(_release, folder)
             return
         lock.close()
+    resumable = (folder / "checkpoint.pt").is_file()  # (never advise resuming from a folder without one)
     raise UsageError(f"{folder} already holds a run (status: {status}); nothing was overwritten. Choose another "
-                     f"{key}=..., or continue that run with train.resume={folder}")
+                     f"{key}=..." + (f", or continue that run with train.resume={folder}" if resumable else ""))
 
 
 def _release(folder: Path) -> None:

@@ -7,6 +7,7 @@ how far it got; the entrypoint writes it.
 
 import contextlib
 import gc
+import inspect
 import logging
 import math
 import os
@@ -236,8 +237,11 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
     if W > 1:
         # gradients as views of DDP's buckets: no second copy of them (about 0.5 GB for 124M); the only
         # buffers are the constant causal masks, so there is nothing to broadcast before each forward
+        # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else "broadcast_buffers": False}
         model = ddp_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                                gradient_as_bucket_view=True, broadcast_buffers=False)
+                                gradient_as_bucket_view=True, **no_sync)
     model = model or raw_model
     if cfg.train.compile:
         model = torch.compile(model)
@@ -302,6 +306,23 @@ def train_step(run: Run, step: int) -> dict:
             "tokens_per_sec": run.total_batch / (ms / 1000)}
 
 
+LONG_RUN_S = 600  # a run expected to take longer is announced after its first step, with a quicker command
+
+
+def say_how_long(run: Run, step_ms: float, steps_left: int) -> None:
+    """After the first step: how long the rest will take, when that is long, and what to try instead on a CPU."""
+    seconds = step_ms / 1000 * steps_left
+    if seconds < LONG_RUN_S:
+        return
+    hours, minutes = divmod(round(seconds / 60), 60)
+    message = (f"at {step_ms / 1000:.1f} s per step, the {steps_left} steps left take about "
+               + (f"{hours} h {minutes} min" if hours else f"{minutes} min") + f" on {run.device.type}")
+    if run.device.type != "cuda" and run.raw_model.num_params() > 20e6:
+        message += (f"; to try this stage quickly on this machine: python run.py +stage={run.cfg.stage.name} "
+                    "model=tiny train.device=cpu train.steps=20")
+    log.warning(message)
+
+
 def effective_settings(run: Run) -> dict:
     """The settings read back from torch and the built objects, not copied from the config."""
     cfg, device = run.cfg, run.device
@@ -319,6 +340,10 @@ def effective_settings(run: Run) -> dict:
         "grad_clip": cfg.optim.grad_clip,
         "grad_accum_steps": run.grad_accum,
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "ddp": None if run.ddp_model is None else {
+            "gradient_as_bucket_view": run.ddp_model.gradient_as_bucket_view,
+            "broadcast_buffers": getattr(run.ddp_model, "forward_sync_buffers",
+                                         getattr(run.ddp_model, "broadcast_buffers", None))},
         "compiled": "torch._dynamo" in sys.modules
                     and isinstance(run.model, sys.modules["torch._dynamo"].eval_frame.OptimizedModule),
         "notes": [],
@@ -371,6 +396,8 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                 break
             last_loss, steps_done = record["loss"], step + 1
             step_ms.append(record["ms"])
+            if len(step_ms) == (2 if cfg.train.compile else 1) and run.ranks.is_main:
+                say_how_long(run, record["ms"], cfg.train.steps - steps_done)
             if run.step_log:
                 run.step_log.step(record, run.ranks.world_size)
                 run.tracker.log(record)
@@ -389,8 +416,12 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
         if status == "ok":
             # still under StopFlag: a signal now lets the validation finish, then saves below
             val_loss = run.validate(max(steps_done - 1, 0))
-            if cfg.train.checkpoint_every:
+            # a single run keeps its final model (for gpt2.sample, gpt2.evaluate, fine-tuning); the jobs of a
+            # sweep are measurements, and keep one only when asked (train.checkpoint_every)
+            if cfg.train.checkpoint_every or summary.get("job_num") is None:
                 run.save(steps_done)
+            elif run.ranks.is_main and cfg.train.save_checkpoints:
+                log.info("no checkpoint kept: a sweep's jobs keep one only with train.checkpoint_every=N")
             stopping = distributed.any_rank(stop.requested, run.device)  # every rank decides alike
         if stopping:
             status = "interrupted"

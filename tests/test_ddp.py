@@ -65,6 +65,9 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, shakespeare_path):
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())
     assert s2["world_size"] == 2 and s2["effective"]["world_size"] == 2 and s1["world_size"] == 1
+    # gradients as views of DDP's buckets (no second copy), no buffer broadcast before every forward
+    assert s2["effective"]["ddp"] == {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+    assert s1["effective"]["ddp"] is None
     assert s1["grad_accum_steps"] == 4 and s2["grad_accum_steps"] == 2
     assert s2["tokens_per_step"] == s1["tokens_per_step"] == 256  # tok/s counts every rank
     assert s2["command"].startswith("torchrun --nproc_per_node=2")

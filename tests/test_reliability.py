@@ -134,9 +134,16 @@ def test_checkpoint_every_n_steps_and_at_the_end(tmp_path, run, monkeypatch, ste
     assert not list(run_dir.glob(".*.tmp"))  # no temporary file left over
 
 
-def test_no_checkpoint_unless_asked(tmp_path, run):
-    summary, run_dir = run(tmp_path, *SMALL, "train.steps=2")
-    assert summary["status"] == "ok" and not (run_dir / CHECKPOINT_NAME).exists()
+def test_a_single_run_keeps_its_final_model_a_sweep_job_only_when_asked(tmp_path, run, data_args, caplog):
+    summary, run_dir = run(tmp_path, *SMALL, "train.steps=2")  # checkpoint_every=0, the default
+    assert summary["status"] == "ok" and torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    cfg = compose_with(["model=tiny", "train.device=cpu", *SMALL, "train.steps=2", "train.val_batches=1", *data_args])
+    job_dir = tmp_path / "sweep_job"
+    job_dir.mkdir()
+    with caplog.at_level(logging.INFO, logger="gpt2"):
+        summary = train_module.train(cfg, job_dir, {"stage": "baseline", "job_num": 0})
+    assert summary["status"] == "ok" and not (job_dir / CHECKPOINT_NAME).exists()
+    assert "no checkpoint kept: a sweep's jobs keep one only with train.checkpoint_every=N" in caplog.text
 
 
 def test_a_write_that_fails_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -470,6 +477,16 @@ def test_a_checkpoint_without_a_summary_is_a_run_too(tmp_path, data_args):
     assert result.returncode == 2 and "already holds a run (status: unknown: checkpoint.pt but no summary.json)" \
         in output_of(result)
     assert digest(path) == before and sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_a_folder_without_a_checkpoint_is_never_offered_for_resuming(tmp_path, data_args):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text('{"status": "failed"}')
+    result = run_py(*cli_args(data_args, run_dir, "train.steps=1"))
+    assert result.returncode == 2 and output_of(result).strip().splitlines() == [
+        f"error: {run_dir} already holds a run (status: failed); nothing was overwritten. Choose another "
+        "hydra.run.dir=..."]
 
 
 def test_two_runs_started_into_one_folder_at_once(tmp_path, data_args):

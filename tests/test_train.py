@@ -176,3 +176,15 @@ def test_compile_without_a_compiler_is_one_line(monkeypatch, device):
     with pytest.raises(UsageError, match=r"train.compile=true needs a C(\+\+)? compiler .* none was found") as e:
         check_compiler(torch.device(device))
     assert "\n" not in str(e.value) and "train.compile=false" in str(e.value)
+
+
+def test_a_long_run_says_how_long_after_its_first_step(tmp_path, shakespeare_path, monkeypatch, caplog):
+    import gpt2.train as train_module
+
+    monkeypatch.setattr(train_module, "LONG_RUN_S", 0.0)  # every run counts as long here
+    monkeypatch.setattr(GPT, "num_params", lambda self, non_embedding=True: 124_000_000)  # as GPT-2 124M
+    s, _ = run_train(tmp_path, shakespeare_path, "train.steps=3", "train.batch_size=2", "train.seq_len=32")
+    assert s["status"] == "ok"
+    said = [r.getMessage() for r in caplog.records if "steps left take about" in r.getMessage()]
+    assert len(said) == 1 and "the 2 steps left" in said[0] and "on cpu" in said[0]
+    assert "python run.py +stage=baseline model=tiny train.device=cpu train.steps=20" in said[0]

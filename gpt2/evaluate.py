@@ -17,30 +17,10 @@ from pathlib import Path
 import torch
 
 from gpt2 import hellaswag
-from gpt2.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from gpt2.errors import UsageError
-from gpt2.model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+from gpt2.loading import describe, load_model
 
 TASKS = ("hellaswag",)
-
-
-def load_model(init: str) -> GPT:
-    """A checkpoint file or run folder of ours, else a Hugging Face hub name (gpt2 ... gpt2-xl) or folder."""
-    path = Path(init).expanduser()
-    if path.is_file() or (path / CHECKPOINT_NAME).is_file():
-        try:
-            state = load_checkpoint(str(path))
-        except UsageError as e:  # its messages name the training key
-            raise UsageError(str(e).replace("train.resume=", "--init ").replace("point train.resume at",
-                                                                                 "give --init")) from None
-        model = GPT(GPTConfig(**state["model_shape"], attention="flash", tokenizer_vocab_size=GPT2_VOCAB_SIZE))
-        model.load_state_dict(state["model"])
-        return model
-    try:
-        return GPT.from_pretrained(init)
-    except (OSError, ValueError) as e:  # not on the hub / offline / not a valid repo id
-        raise UsageError(f"--init {init}: not a checkpoint, a run folder holding {CHECKPOINT_NAME}, a transformers "
-                         f"folder or a reachable Hugging Face model ({str(e).splitlines()[0][:200]})") from None
 
 
 def pick_device(requested: str) -> torch.device:
@@ -54,15 +34,18 @@ def pick_device(requested: str) -> torch.device:
 def run_hellaswag(init: str, data=None, limit=None, device="auto", dtype="fp32", batch_examples: int = 4,
                   progress: bool = False) -> dict:
     device = pick_device(device)
-    examples = hellaswag.load_examples(hellaswag.data_file(data), limit)
-    model = load_model(init).to(device)
+    data_path = hellaswag.data_file(data)
+    examples = hellaswag.load_examples(data_path, limit)
+    model, info = load_model(init, "--init")  # a run folder / checkpoint of ours, or Hugging Face GPT-2
+    model.to(device)
+    print(f"hellaswag: {len(examples):,} rows of {data_path} | {describe(info)} | {device}, {dtype}", file=sys.stderr)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32, as build-nanogpt's hellaswag.py
     bf16 = dtype == "bf16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     start = time.perf_counter()
     result = hellaswag.evaluate(model, examples, device, autocast, batch_examples=batch_examples, progress=progress)
-    return {"task": "hellaswag", **result, "init": init, "data": str(hellaswag.data_file(data)),
+    return {"task": "hellaswag", **result, "init": init, "model": describe(info), "data": str(data_path),
             "device": str(device), "dtype": dtype, "seconds": round(time.perf_counter() - start, 2),
             "published": hellaswag.PUBLISHED}
 

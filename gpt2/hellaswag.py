@@ -88,7 +88,7 @@ def data_file(path: Optional[str] = None, flag: str = "--data FILE") -> Path:
 def load_examples(path, limit: Optional[int] = None) -> List[dict]:
     """The rows of a HellaSwag .jsonl file ({"ctx", "endings": [4], "label"}, ...), the first `limit` of them."""
     if limit is not None and limit < 1:
-        raise UsageError(f"limit={limit} must be positive (or unset for every row)")
+        raise UsageError(f"--limit={limit} must be positive (or left out for every row)")
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -194,8 +194,10 @@ def _cached_examples(path: Optional[str], limit: Optional[int]) -> tuple:
 
 def examples_for_training(train_cfg) -> List[dict]:
     """The rows train.hellaswag_every evaluates (train.hellaswag_data / hellaswag_limit), read once per process."""
-    path = train_cfg.get("hellaswag_data")
-    return list(_cached_examples(str(path) if path else None, train_cfg.get("hellaswag_limit")))
+    path, limit = train_cfg.get("hellaswag_data"), train_cfg.get("hellaswag_limit")
+    if limit is not None and limit < 1:
+        raise UsageError(f"train.hellaswag_limit={limit} must be positive (or null for all {VAL_ROWS:,} rows)")
+    return list(_cached_examples(str(path) if path else None, limit))
 
 
 def evaluate_in_run(run, step: int) -> dict:

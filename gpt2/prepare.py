@@ -160,7 +160,7 @@ def _write_manifest(path: Path, manifest: dict) -> None:
     atomic_write_bytes(path, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
 
 
-def _finished_shards(out: Path, manifest: dict, shard_tokens: int) -> list:
+def _finished_shards(out: Path, manifest: dict) -> list:
     """The manifest's shards, in order, up to the first one that is missing or not the size it recorded."""
     good = []
     for entry in manifest.get("shards", []):
@@ -203,7 +203,7 @@ def write_shards(documents, out, *, prefix: str, shard_tokens: int = SHARD_TOKEN
             raise UsageError(f"--out {out} holds shards made with other settings ({manifest_path.name}: "
                              f"{saved and saved.get('settings')}); choose another --out, or delete that folder to "
                              f"start again")
-        manifest["shards"] = _finished_shards(out, saved, shard_tokens)
+        manifest["shards"] = _finished_shards(out, saved)
         manifest["complete"] = saved.get("complete", False) and len(manifest["shards"]) == len(saved["shards"])
     elif out.is_dir() and any(out.glob(f"{prefix}_*_*.npy")):
         raise UsageError(f"--out {out} holds {prefix} shards but no {manifest_path.name} (made by another tool?), "

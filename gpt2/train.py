@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, distributed, metrics
-from .data import TokenLoader, load_tokens, train_val_split
+from .data import TokenLoader, build_data
 from .config import option_str as value
 from .errors import UsageError
 from .checks import check_config, check_sizes
@@ -227,7 +227,6 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
     B, T, W = cfg.train.batch_size, cfg.train.seq_len or gpt_config.block_size, ranks.world_size
     total_batch = cfg.train.total_batch_size or B * T * W
     grad_accum = total_batch // (B * T * W)
-    from .data import build_data  # the text (data.path / download), or token shards (data.shards_dir)
     train_loader, val_tokens = build_data(cfg, B, T, ranks.rank, W)
     summary.update(batch_size=B, seq_len=T, tokens_per_step=total_batch, grad_accum_steps=grad_accum)
 

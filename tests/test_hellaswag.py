@@ -158,7 +158,7 @@ def no_network(monkeypatch, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--init", "RUN"], "could not download HellaSwag from http://127.0.0.1"),
     (["--init", "RUN", "--data", "nowhere.jsonl"], "--data nowhere.jsonl: no such file"),
-    (["--init", "nowhere/at/all", "--data", "ROWS"], "--init nowhere/at/all: not a checkpoint, a run folder"),
+    (["--init", "nowhere/at/all", "--data", "ROWS"], "--init nowhere/at/all: not a checkpoint"),
     (["--init", "RUN", "--data", "BAD"], "line 1: not a HellaSwag row"),
 ])
 def test_offline_and_bad_input_are_one_line_errors(tmp_path, rows_file, capsys, no_network, argv, message):

@@ -172,6 +172,7 @@ class Run:
     tracker: Optional[WandbRun] = None
     effective_autocast: Optional[str] = None  # read back from torch inside the first autocast region
     saved_step: Optional[int] = None
+    val_note: Optional[str] = None  # why there is no validation loss, when there is none
 
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -193,6 +194,12 @@ class Run:
         if self.step_log and val is not None:
             log.info(f"step {step:5d} | val loss {val:.6f}")
             self.step_log.append({"step": step, "val_loss": val})
+        if val is None and self.val_note is None:  # said once, in the log and in summary.json
+            self.val_note = (f"no validation: the held-out split ({len(self.val_tokens):,} tokens, "
+                             f"data.val_fraction={self.cfg.data.val_fraction}) is shorter than one sequence of "
+                             f"{self.seq_len + 1} tokens; raise data.val_fraction or lower train.seq_len")
+            if self.ranks.is_main:
+                log.warning(self.val_note)
         return val
 
 
@@ -431,7 +438,7 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                 " (train.save_checkpoints=false: no checkpoint was written)" if not cfg.train.save_checkpoints
                 else "")
             log.warning(summary["error"])
-    summary.update(status=status, steps=steps_done, final_loss=last_loss, val_loss=val_loss,
+    summary.update(status=status, steps=steps_done, final_loss=last_loss, val_loss=val_loss, val_note=run.val_note,
                    effective=effective_settings(run))
     summarise(run, summary, step_ms)
     return summary

@@ -188,3 +188,11 @@ def test_a_long_run_says_how_long_after_its_first_step(tmp_path, shakespeare_pat
     said = [r.getMessage() for r in caplog.records if "steps left take about" in r.getMessage()]
     assert len(said) == 1 and "the 2 steps left" in said[0] and "on cpu" in said[0]
     assert "python run.py +stage=baseline model=tiny train.device=cpu train.steps=20" in said[0]
+
+
+def test_no_validation_is_said_once(tmp_path, shakespeare_path, caplog):
+    s, _ = run_train(tmp_path, shakespeare_path, "train.steps=2", "train.batch_size=2", "train.seq_len=32",
+                     "train.val_every=1", "data.val_fraction=0")
+    assert s["status"] == "ok" and s["val_loss"] is None
+    assert s["val_note"].startswith("no validation: the held-out split (0 tokens, data.val_fraction=0.0)")
+    assert sum("no validation:" in r.getMessage() for r in caplog.records) == 1

@@ -168,3 +168,15 @@ def test_a_typo_in_a_stage_override_is_a_usage_error():
     cfg = compose_with(["+stage=grad-accum", "+sweep.stage_overrides.grad-accum=['train.total_bath_size=8']"])
     with pytest.raises(UsageError, match="sweep.stage_overrides.grad-accum.*total_bath_size"):
         gpt2.job.with_stage_overrides(cfg)
+
+
+def test_help_lists_the_stages_in_order_and_the_plus():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], capture_output=True, text=True,
+                         timeout=120).stdout
+    lines = out.splitlines()
+    order = lines[lines.index("== Stages (+stage=NAME, cumulative, in this order) ==") + 1].split()
+    assert order == STAGES  # the help's list follows the full sweep (a new stage must be added there too)
+    assert "python run.py +stage=flash" in out and "+sweep=speedup_full" in out and "train.resume" in out

@@ -35,10 +35,14 @@ def summaries(sweep_dir):
 @pytest.fixture(scope="module")
 def all_stages(tmp_path_factory, shakespeare_path):
     tmp = tmp_path_factory.mktemp("all_stages")
-    small_total = "['train.total_batch_size=128']"  # 2 micro-steps of B=2, T=32 instead of 2^19 tokens
+    small_total = "'train.total_batch_size=128'"  # 2 micro-steps of B=2, T=32 instead of 2^19 tokens
+    # the stages after compile are compiled too; one compiled stage is enough to prove the sweep compiles on a
+    # CPU (minutes each on 2 cores), and they are tested compiled on their own (tests/test_fused_loss.py)
+    overrides = {stage: [small_total] + (["'train.compile=false'"] if i > STAGES.index("compile") else [])
+                 for i, stage in enumerate(STAGES) if i >= STAGES.index("grad-accum")}
     result = run_py("-m", f"+stage={','.join(STAGES)}", *TINY, *data_args(tmp, shakespeare_path),
-                    f"+sweep.stage_overrides.grad-accum={small_total}",
-                    f"+sweep.stage_overrides.compile={small_total}", f"hydra.sweep.dir={tmp / 'sweep'}")
+                    *[f"+sweep.stage_overrides.{stage}=[{','.join(extra)}]" for stage, extra in overrides.items()],
+                    f"hydra.sweep.dir={tmp / 'sweep'}")
     return result, tmp / "sweep"
 
 
@@ -72,6 +76,8 @@ def test_effective_settings_match_each_stage(all_stages):
     assert gpt3["lr_schedule"]["name"] == "cosine" and gpt3["grad_clip"] == 1.0 and gpt3["grad_accum_steps"] == 1
     assert runs["grad-accum"]["grad_accum_steps"] == 2 and runs["grad-accum"]["compiled"] is False
     assert runs["compile"]["compiled"] is True and runs["compile"]["grad_accum_steps"] == 2
+    assert runs["compile"]["loss"] == "plain" and runs["fused-loss"]["loss"] == "fused"
+    assert runs["big-batch"]["loss"] == "fused"  # (its B=64 is the command line's B=2 here)
 
 
 def test_sweep_writes_a_report_in_stage_order(all_stages):

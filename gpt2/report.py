@@ -5,6 +5,24 @@
 writes report.md, report.csv and report.png into the first folder (or --out). The sweep's
 end-of-multirun hook calls `build_report` directly. Output is deterministic: the same runs give
 byte-identical files (the date comes from the runs' `started_at`, never from the clock).
+
+Rules a reader can check:
+- Speed-ups are tok/s ratios (grad-accum changes tokens per step, so ms/step ratios would mislead), and only
+  within a group of runs of the same model, device, T and world size: a folder that mixes them (e.g.
+  `outputs/DATE` after a tiny run and a 124M run) gets one table per group, each against its own baseline
+  (its `baseline` stage, else its first ok row); no ratio ever crosses groups. B and tokens per step are
+  stage knobs (big-batch, grad-accum), so they do not split groups. A run without a device or model in its
+  summary (it failed early) joins the first group it agrees with. Across folders, "Device vs device" compares
+  tok/s of equal stage names.
+- Noise: ms/step is the median of the steady-state steps (the last `steps_measured` step times of
+  metrics.jsonl). A row is marked `noisy` when their interquartile range exceeds 10 % of that median
+  (a single slow step does not move a median; a spread-out bulk does); without per-step times, when the
+  summary's max/min exceeds 1.5 (both in gpt2/report_rules.py). The header says the rule and how many rows it flagged.
+- MFU against a peak measured on the machine (`mfu_peak_source: measured`, as on a CPU) is marked
+  "(measured peak)" and never charted: a peak timed once under load is no yardstick.
+- "adds" is the stage's own text; where the run's effective setting differs from a figure it names
+  (tokens per step, micro-batch B), e.g. a CPU sweep's grad-accum shrunk by sweep.stage_overrides, the cell
+  says what ran: "(ran: 16,384 tokens/step, 32 micro-steps)".
 """
 
 import argparse
@@ -18,7 +36,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from gpt2 import report_rules as rules
 from gpt2.errors import UsageError
+from gpt2.report_chart import plot
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +48,19 @@ REFERENCE = [  # stage, seed README on H100 (ms/step), build-nanogpt video on A1
     ("(torch.compile)", "-", "~130"), ("flash", "~88", "~96"), ("nice-vocab", "~58", "~93"),
     ("gpt3-optim (fused AdamW)", "-", "~90"),
 ]
+# read from summary.json, in report.csv order
 FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
           "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps", "steps_measured",
           "ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",
-          "mfu_peak_source", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib", "peak_mem_kind", "final_loss", "val_loss",
-          "started_at", "finished_at", "command"]  # read from summary.json, in report.csv order
+          "mfu_peak_source", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib",
+          "peak_mem_kind", "final_loss", "val_loss", "started_at", "finished_at", "command"]
 INTEGER = ["job", "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps",
            "steps_measured"]
 NUMERIC = INTEGER + ["ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu",
                      "mfu_peak_tflops", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib", "final_loss",
                      "val_loss"]
 SPEEDUPS = ["speedup_vs_baseline", "speedup_vs_prev", "baseline_stage", "prev_stage"]
-CSV_COLUMNS = ["folder", "device_label", "run_dir", "job"] + FIELDS + SPEEDUPS
+CSV_COLUMNS = ["folder", "device_label", "run_dir", "job"] + FIELDS + SPEEDUPS + ["group", "ms_iqr_rel", "noisy"]
 # Run facts shown once in the header when all rows agree, else as a per-row column of the table.
 HEADER_FIELDS = [("device", "device"), ("torch", "torch_version"), ("CUDA", "cuda_version"), ("model", "model"),
                  ("B", "batch_size"), ("T", "seq_len"), ("world size", "world_size"), ("steps", "steps"),
@@ -91,27 +112,60 @@ def load_runs(folder) -> pd.DataFrame:
     for col in NUMERIC:
         df[col] = pd.to_numeric(df[col], errors="coerce")
         df[col] = df[col].round().astype("Int64") if col in INTEGER else df[col]
-    return _add_speedups(df)
+    noise = [_noise(r) for _, r in df.iterrows()]
+    df["ms_iqr_rel"] = pd.array([rel for rel, _ in noise], dtype="Float64").astype(float)
+    df["noisy"] = pd.array([flag for _, flag in noise], dtype="boolean")
+    return _add_speedups(_add_groups(df))
+
+
+def _measured(row) -> bool:
+    return bool(row["status"] not in ("failed", "incomplete") and row["tokens_per_sec"] > 0)
+
+
+def _noise(row):
+    """(IQR / median of the steady-state step times, noisy?) of one row; (nan, None) where nothing was timed."""
+    if not (_measured(row) and row["ms_per_step"] > 0):
+        return math.nan, None
+    n = 0 if _missing(row["steps_measured"]) else int(row["steps_measured"])
+    low, high = (None if _missing(row[c]) else float(row[c]) for c in ("ms_per_step_min", "ms_per_step_max"))
+    rel, flag = rules.spread(rules.step_times(row["path"], n), n, low, high)
+    return (math.nan if rel is None else rel), (None if flag is None else bool(flag))
+
+
+def _add_groups(df: pd.DataFrame) -> pd.DataFrame:
+    """`_group` (index), `group` (label) and `key` (stage name unique in the folder) for every row."""
+    index, full, short = rules.groups([tuple(None if _missing(r[c]) else _fmt(r[c]) for _, c in rules.GROUP_FIELDS)
+                                       for _, r in df.iterrows()])
+    seen, keys = {}, []
+    for stage, label in zip(df["stage"], short):
+        key = f"{stage} [{label}]" if label else stage
+        seen[key] = seen.get(key, 0) + 1
+        keys.append(key if seen[key] == 1 else f"{key} #{seen[key]}")  # a stage run twice: `flash #2`
+    return df.assign(_group=index, group=full, key=keys)
 
 
 def _add_speedups(df: pd.DataFrame) -> pd.DataFrame:
-    """Speed-ups by tok/s (grad-accum changes tokens per step, so ms/step ratios would mislead)."""
-    usable = (df["status"] == "ok") & (df["tokens_per_sec"] > 0)
-    base = df[usable & (df["stage"] == "baseline")]
-    base = base if len(base) else df[usable]
-    base = base.iloc[0] if len(base) else None
-    vs_base, vs_prev, prev_names, prev = [], [], [], None
-    for i, row in df.iterrows():
-        measured = row["status"] not in ("failed", "incomplete") and row["tokens_per_sec"] > 0
-        vs_base.append(row["tokens_per_sec"] / base["tokens_per_sec"] if measured and base is not None else None)
-        vs_prev.append(row["tokens_per_sec"] / prev["tokens_per_sec"] if measured and prev is not None else None)
-        prev_names.append(prev["stage"] if measured and prev is not None else None)
-        if usable[i]:
-            prev = row
-    df["speedup_vs_baseline"] = pd.array(vs_base, dtype="Float64").astype(float)
-    df["speedup_vs_prev"] = pd.array(vs_prev, dtype="Float64").astype(float)
-    df["baseline_stage"] = base["stage"] if base is not None else None
-    df["prev_stage"] = prev_names
+    """Speed-ups by tok/s (grad-accum changes tokens per step, so ms/step ratios would mislead), per group."""
+    cols = {c: [None] * len(df) for c in SPEEDUPS}
+    for g in sorted(set(df["_group"])):
+        sub = df[df["_group"] == g]
+        usable = (sub["status"] == "ok") & (sub["tokens_per_sec"] > 0)
+        base = sub[usable & (sub["stage"] == "baseline")]
+        base = base if len(base) else sub[usable]
+        base = base.iloc[0] if len(base) else None
+        prev = None
+        for i, row in sub.iterrows():
+            measured = _measured(row)
+            cols["baseline_stage"][i] = base["stage"] if base is not None else None
+            if measured and base is not None:
+                cols["speedup_vs_baseline"][i] = row["tokens_per_sec"] / base["tokens_per_sec"]
+            if measured and prev is not None:
+                cols["speedup_vs_prev"][i] = row["tokens_per_sec"] / prev["tokens_per_sec"]
+                cols["prev_stage"][i] = prev["stage"]
+            if usable[i]:
+                prev = row
+    for c in SPEEDUPS:
+        df[c] = pd.array(cols[c], dtype="Float64").astype(float) if c.startswith("speedup") else cols[c]
     return df
 
 
@@ -119,6 +173,10 @@ def _add_speedups(df: pd.DataFrame) -> pd.DataFrame:
 
 def _missing(v) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
+def _flagged(v) -> bool:
+    return not _missing(v) and bool(v)
 
 
 def _fmt(v, spec="{}"):
@@ -136,12 +194,12 @@ def _short_error(err) -> str:
 
 
 def _md_table(header, rows, right=()) -> str:
-    def cell(s):
-        return str(s).replace("|", "\\|").replace("\n", " ")
-    out = ["| " + " | ".join(cell(h) for h in header) + " |",
-           "| " + " | ".join("---:" if h in right else "---" for h in header) + " |"]
-    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+    """A GitHub pipe table; columns in `right` right-aligned, the others left as written (no padding)."""
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")  # tabulate does not escape a pipe in a cell
+    table = pd.DataFrame([[cell(c) for c in r] for r in rows], columns=[cell(h) for h in header])
+    return table.to_markdown(index=False, disable_numparse=True,
+                             colalign=["right" if h in right else None for h in header])
 
 
 def _uniques(series):
@@ -163,8 +221,47 @@ def _mem_cell(v):
     return "" if _missing(v) else (f"{v:.1f}" if v >= 1 else f"{v:.3g}")
 
 
+def _adds_cell(r) -> str:
+    """The stage's own text, plus what ran where the run differs from a figure it names."""
+    facts = [None if _missing(r[c]) else int(r[c]) for c in ("tokens_per_step", "grad_accum_steps", "world_size",
+                                                             "batch_size")]
+    return " ".join(x for x in (_fmt(r["adds"]), rules.adds_ran(_fmt(r["adds"]), *facts)) if x)
+
+
+def _noise_cell(r) -> str:
+    rel, flag = r["ms_iqr_rel"], r["noisy"]
+    cell = "" if _missing(rel) else f"{100 * rel:.1f}"
+    if _flagged(flag) and _missing(rel):
+        cell = f"max/min {r['ms_per_step_max'] / r['ms_per_step_min']:.1f}x"
+    return (cell + " noisy").strip() if _flagged(flag) else cell
+
+
+def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, show_reserved: bool) -> str:
+    header = (["job", "stage", "adds"] + [label for label, _ in varying] +
+              ["tokens/step", "ms/step (min-max)", "step IQR %", "tok/s", "vs baseline", "vs previous", mfu_label,
+               "peak mem GiB"] + (["peak reserved GiB"] if show_reserved else []) +
+              ["final loss", "val loss", "status"] + (["error"] if show_error else []))
+    rows, mixed_mfu = [], mfu_label == "MFU %"
+    for i, (_, r) in enumerate(df.iterrows()):
+        prev = _ratio(r["speedup_vs_prev"])
+        if prev and (i == 0 or df["stage"].iloc[i - 1] != r["prev_stage"]):
+            prev += f" (vs {r['prev_stage']})"  # the row above failed: compare with the last ok one
+        mfu = _fmt(r["mfu"], "{:.1%}")[:-1]
+        if mfu and mixed_mfu and r["mfu_peak_source"] == "measured":
+            mfu += " (measured peak)"
+        rows.append([_fmt(r["job"]), r["stage"], _adds_cell(r)] + [_fmt(r[c]) for _, c in varying] +
+                    [_fmt(r["tokens_per_step"], "{:,}"), _ms_cell(r), _noise_cell(r),
+                     _fmt(r["tokens_per_sec"], "{:,.0f}"), _ratio(r["speedup_vs_baseline"]), prev, mfu,
+                     _mem_cell(r["peak_mem_gib"])] + ([_mem_cell(r["peak_mem_reserved_gib"])] if show_reserved else [])
+                    + [_fmt(r["final_loss"], "{:.3f}"), _fmt(r["val_loss"], "{:.3f}"), r["status"]]
+                    + ([_short_error(r["error"])] if show_error else []))
+    right = {"job", "tokens/step", "step IQR %", "tok/s", "vs baseline", mfu_label, "peak mem GiB",
+             "peak reserved GiB", "final loss", "val loss"} | {label for label, col in varying if col in NUMERIC}
+    return _md_table(header, rows, right)
+
+
 def _section(df: pd.DataFrame, title: str) -> list:
-    """Header (run facts, command) and the measured table for the runs of one folder."""
+    """Header (run facts, rules, command) and the measured table(s) for the runs of one folder."""
     out, varying = [f"## {title}", ""], []
     for label, col in HEADER_FIELDS:
         vals = _uniques(df[col])
@@ -174,64 +271,55 @@ def _section(df: pd.DataFrame, title: str) -> list:
     starts, ends = _uniques(df["started_at"]), _uniques(df["finished_at"])
     if starts:
         out.append(f"- **date:** {starts[0][:10]} (first start {starts[0]}, last finish {(ends or ['n/a'])[-1]})")
-    base = df["baseline_stage"].iloc[0]
-    against = ("no ok row to compare against" if _missing(base) else f"vs baseline = against stage `{base}`"
-               + ("" if base == "baseline" else " (first ok stage; no ok `baseline` row)"))
+    groups = list(dict.fromkeys(df["group"]))
+    if len(groups) == 1:
+        base = df["baseline_stage"].iloc[0]
+        against = ("no ok row to compare against" if _missing(base) else f"vs baseline = against stage `{base}`"
+                   + ("" if base == "baseline" else " (first ok stage; no ok `baseline` row)"))
+    else:
+        against = (f"these runs form {len(groups)} groups of different model, device, T or world size; speed-ups "
+                   "are computed only within a group, each against its own `baseline` (else its first ok stage), "
+                   "one table per group")
     out.append("- **speed-ups:** by tok/s (grad-accum changes tokens per step, so ms/step ratios would mislead); "
                + against)
+    timed, flagged = df["noisy"].notna().sum(), [r.key for r in df.itertuples() if _flagged(r.noisy)]
+    out.append(f"- **noise:** a row is `noisy` when the interquartile range of its steady-state step times exceeds "
+               f"{rules.NOISE_IQR:.0%} of their median (column `step IQR %`; max/min above {rules.NOISE_RANGE} where "
+               f"metrics.jsonl has no step times); its ms/step, tok/s and speed-ups (and, for a noisy baseline, every "
+               f"vs-baseline figure) are not to be trusted: rerun on an idle machine. Flagged: "
+               + (f"{len(flagged)} of {timed} timed rows ({', '.join(flagged)})" if flagged else
+                  f"none of {timed} timed rows"))
+    has_mfu = df["mfu"].notna()
+    sources = set(df.loc[has_mfu, "mfu_peak_source"].dropna())
+    mfu_label = "MFU % (measured peak)" if sources == {"measured"} else "MFU %"
+    if "measured" in sources:
+        out.append("- **MFU:** " + ("" if mfu_label != "MFU %" else "cells marked (measured peak) are ")
+                   + "against a peak measured on this machine (one timed matmul), not a datasheet figure: it moves "
+                     "with the machine's load, compares only rows of this table, and is not charted")
     commands = _uniques(df["command"])
     if len(commands) == 1:
         out += ["", "Command:", "", "```", commands[0], "```"]
     elif commands:
-        out += ["", "Commands:", ""] + [f"- {r.stage}: `{r.command}`" for r in df.itertuples()
+        out += ["", "Commands:", ""] + [f"- {r.key}: `{r.command}`" for r in df.itertuples()
                                         if not _missing(r.command)]
     show_error = any(_short_error(e) for e in df["error"])
     # on a GPU, what the caching allocator reserved is what must fit on the card ("fits in 24 GiB")
-    show_reserved = df["peak_mem_reserved_gib"].notna().any()
-    header = (["job", "stage", "adds"] + [label for label, _ in varying] +
-              ["tokens/step", "ms/step (min-max)", "tok/s", "vs baseline", "vs previous", "MFU %",
-               "peak mem GiB"] + (["peak reserved GiB"] if show_reserved else []) +
-              ["final loss", "val loss", "status"] + (["error"] if show_error else []))
-    rows = []
-    for i, r in df.iterrows():
-        prev = _ratio(r["speedup_vs_prev"])
-        if prev and (i == 0 or df["stage"].iloc[i - 1] != r["prev_stage"]):
-            prev += f" (vs {r['prev_stage']})"  # the row above failed: compare with the last ok one
-        rows.append([_fmt(r["job"]), r["stage"], _fmt(r["adds"])] + [_fmt(r[c]) for _, c in varying] +
-                    [_fmt(r["tokens_per_step"], "{:,}"), _ms_cell(r), _fmt(r["tokens_per_sec"], "{:,.0f}"),
-                     _ratio(r["speedup_vs_baseline"]), prev, _fmt(r["mfu"], "{:.1%}")[:-1],
-                     _mem_cell(r["peak_mem_gib"])] + ([_mem_cell(r["peak_mem_reserved_gib"])] if show_reserved else []) +
-                    [_fmt(r["final_loss"], "{:.3f}"),
-                     _fmt(r["val_loss"], "{:.3f}"), r["status"]] + ([_short_error(r["error"])] if show_error else []))
-    right = {"job", "tokens/step", "tok/s", "vs baseline", "MFU %", "peak mem GiB", "peak reserved GiB", "final loss",
-             "val loss"} | {
-        label for label, col in varying if col in NUMERIC}
-    return out + ["", _md_table(header, rows, right), ""]
-
-
-def _stage_keys(df: pd.DataFrame) -> list:
-    """Stage names made unique within one folder (a stage run twice becomes `flash #2`)."""
-    seen, keys = {}, []
-    for s in df["stage"]:
-        seen[s] = seen.get(s, 0) + 1
-        keys.append(s if seen[s] == 1 else f"{s} #{seen[s]}")
-    return keys
-
-
-def _all_keys(frames) -> list:
-    keys = []
-    for df in frames:
-        keys += [k for k in _stage_keys(df) if k not in keys]
-    return keys
+    show_reserved = bool(df["peak_mem_reserved_gib"].notna().any())
+    for g in groups:
+        out += ([""] if len(groups) == 1 else ["", f"### {g}", ""]) + [
+            _table(df[df["group"] == g], varying, mfu_label, show_error, show_reserved)]
+    return out + [""]
 
 
 def _throughput(df):
-    ok = ~df["status"].isin(["failed", "incomplete"])
-    return {k: t for k, t, good in zip(_stage_keys(df), df["tokens_per_sec"], ok) if good and not _missing(t)}
+    return {k: t for k, t, good in zip(df["key"], df["tokens_per_sec"], (_measured(r) for _, r in df.iterrows()))
+            if good}
 
 
 def _comparison(frames, labels) -> list:
-    tok, keys = [_throughput(df) for df in frames], _all_keys(frames)
+    tok, keys = [_throughput(df) for df in frames], []
+    for df in frames:
+        keys += [k for k in df["key"] if k not in keys]
     shared = [k for k in keys if all(k in t for t in tok)]
     # the reference (denominator) is the slowest device on the first stage they all ran, so ratios read "Nx faster"
     ref = min(range(len(tok)), key=lambda i: tok[i][shared[0]]) if shared else 0
@@ -278,67 +366,6 @@ def _device_labels(frames, folders) -> list:
     return labels
 
 
-# ---------------------------------------------------------------- chart
-
-def _loss_curve(path: str):
-    steps, losses = [], []
-    try:
-        lines = (Path(path) / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return steps, losses
-    for line in lines:
-        try:
-            rec = json.loads(line)
-            step, loss = float(rec["step"]), float(rec["loss"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a partial last line of a killed run, or a line without a train loss
-        steps.append(step)
-        losses.append(loss if math.isfinite(loss) else math.nan)
-    return steps, losses
-
-
-def _plot(frames, labels, path: Path):
-    from matplotlib.figure import Figure  # no pyplot: no display, no global state; PNG goes through Agg
-
-    keys, n = _all_keys(frames), len(frames)
-    colors = {k: f"C{i % 10}" for i, k in enumerate(keys)}
-    fig = Figure(figsize=(11, 4.5 + 3.8 * n), layout="tight")  # "constrained" varies in the last bits
-    axes = fig.subplots(1 + n, 1, squeeze=False, height_ratios=[1.2] + [1] * n)[:, 0]
-    ax, width, heights = axes[0], 0.8 / n, []
-    for k, (df, lab) in enumerate(zip(frames, labels)):
-        tok, speed = _throughput(df), dict(zip(_stage_keys(df), df["speedup_vs_baseline"]))
-        status = dict(zip(_stage_keys(df), df["status"]))
-        xs = [i + (k - (n - 1) / 2) * width for i in range(len(keys))]
-        have = [(x, key) for x, key in zip(xs, keys) if key in tok]
-        ax.bar([x for x, _ in have], [tok[key] for _, key in have], width, label=lab,
-               color=[colors[key] for _, key in have] if n == 1 else f"C{k}")
-        heights += [tok[key] for _, key in have]
-        for x, key in zip(xs, keys):
-            if key in tok and n == 1 and not _missing(speed.get(key)):
-                ax.annotate(f"{speed[key]:.2f}x", (x, tok[key]), ha="center", va="bottom", fontsize=8)
-            elif key in status and key not in tok:
-                ax.annotate(status[key], (x, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                            fontsize=8, rotation=90, color="red")
-    ax.set_xticks(range(len(keys)), keys, rotation=25, ha="right")
-    ax.set_ylabel("tokens / s")
-    ax.set_title("Throughput per stage (higher is better" + ("; labels: speed-up vs baseline)" if n == 1 else ")"))
-    if heights and max(heights) / max(min(heights), 1e-9) > 20:
-        ax.set_yscale("log")
-    if n > 1:
-        ax.legend(fontsize=8)
-    for ax, df, lab in zip(axes[1:], frames, labels):
-        for key, run_path in zip(_stage_keys(df), df["path"]):
-            steps, losses = _loss_curve(run_path)
-            if steps:
-                ax.plot(steps, losses, label=key, color=colors[key], linewidth=1.2)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("train loss")
-        ax.set_title(f"Training loss per stage: {lab}")
-        if ax.lines:
-            ax.legend(fontsize=8, ncol=2)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-
-
 # ---------------------------------------------------------------- entry points
 
 def build_report(folders: list, out_dir=None) -> dict:
@@ -357,7 +384,8 @@ def build_report(folders: list, out_dir=None) -> dict:
     labels = _device_labels(frames, folders)
     md = ["# GPT-2 speed-up report", "",
           "Measured by this project's training loop; every figure below comes from the runs' own summary.json "
-          "and metrics.jsonl. ms/step is the median over steady-state steps (min-max in brackets).", ""]
+          "and metrics.jsonl. ms/step is the median over steady-state steps (min-max in brackets; step IQR % is "
+          "their interquartile range over that median).", ""]
     tables = []
     for df, lab, folder in zip(frames, labels, folders):
         rel = Path(os.path.relpath(folder.resolve(), out.resolve())).as_posix()
@@ -371,7 +399,7 @@ def build_report(folders: list, out_dir=None) -> dict:
     paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
     paths["md"].write_text("\n".join(md))
     pd.concat(tables, ignore_index=True).to_csv(paths["csv"], index=False, lineterminator="\n")
-    _plot(frames, labels, paths["png"])
+    plot(frames, labels, paths["png"])
     return paths
 
 

@@ -1,6 +1,7 @@
 """The speed-up report, built from synthetic run folders (no training, no GPU)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +10,16 @@ import pandas as pd
 import pytest
 
 from gpt2.report import CSV_COLUMNS, build_report, load_runs, main
+from gpt2.report_chart import colors, figure
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python run.py -m +stage=baseline,tf32,bf16,flash"
 
 
 def make_run(folder: Path, name: str, stage: str, tok=None, status="ok", error=None, device="NVIDIA H100 80GB HBM3",
-             job=None, steps=5, summary=True, **extra) -> Path:
-    """Write one run folder the way the training loop does: summary.json and metrics.jsonl."""
+             job=None, steps=5, summary=True, step_ms=None, **extra) -> Path:
+    """Write one run folder the way the training loop does: summary.json and metrics.jsonl (step_ms: per-step
+    times, else every step takes the median)."""
     run = folder / name
     run.mkdir(parents=True)
     (run / ".hydra").mkdir()
@@ -39,8 +42,18 @@ def make_run(folder: Path, name: str, stage: str, tok=None, status="ok", error=N
     with open(run / "metrics.jsonl", "w") as f:
         for step in range(steps if tok else 2):
             f.write(json.dumps({"step": step, "loss": 11.0 - step * 0.5, "lr": 3e-4, "grad_norm": 1.0,
-                                "ms": ms or 1.0, "tokens_per_sec": tok or 0.0}) + "\n")
+                                "ms": step_ms[step] if step_ms else ms or 1.0, "tokens_per_sec": tok or 0.0}) + "\n")
+        f.write(json.dumps({"step": steps - 1, "val_loss": 6.4}) + "\n")  # a validation line has no "ms"
     return run
+
+
+def squash(md: str) -> str:
+    """The markdown with runs of spaces made one (tabulate pads right-aligned columns)."""
+    return re.sub(r" {2,}", " ", md)
+
+
+def line(md: str, start: str) -> str:
+    return next(ln for ln in squash(md).splitlines() if ln.startswith(start))
 
 
 @pytest.fixture
@@ -116,9 +129,9 @@ def test_report_files_and_failed_row(sweep):
     assert set(paths) == {"md", "csv", "png"} and all(p.is_file() for p in paths.values())
     assert paths["md"].parent == sweep
     md = paths["md"].read_text()
-    flash = next(line for line in md.splitlines() if line.startswith("| 3 | flash"))
+    flash = line(md, "| 3 | flash")
     assert "5.00x" in flash and "2.50x (vs tf32)" in flash and "500,000" in flash
-    bf16 = next(line for line in md.splitlines() if line.startswith("| 2 | bf16"))
+    bf16 = line(md, "| 2 | bf16")
     assert "| nan |" not in md and "failed" in bf16 and "Traceback" not in bf16
     assert "RuntimeError: CUDA out of \\| memory" in bf16  # last line of the traceback, pipe escaped
     for fact in ("NVIDIA H100 80GB HBM3", "2.5.1", "12.4", "**B:** 16", "**T:** 1024", "**steps measured:** 2",
@@ -138,7 +151,7 @@ def test_varying_batch_size_becomes_a_column(tmp_path):
     folder = tmp_path / "sweep"
     make_run(folder, "0_baseline", "baseline", 100.0, batch_size=16)
     make_run(folder, "1_flash", "flash", 200.0, batch_size=32)
-    md = build_report([folder])["md"].read_text()
+    md = squash(build_report([folder])["md"].read_text())
     assert "**B:** varies (see table)" in md
     assert "| job | stage | adds | B |" in md
 
@@ -164,17 +177,17 @@ def test_two_folders_give_a_device_comparison(tmp_path):
     make_run(gpu, "2_flash", "flash", 90_000.0)
     out = tmp_path / "out"
     paths = build_report([cpu, gpu], out_dir=out)
-    md = paths["md"].read_text()
+    md = squash(paths["md"].read_text())
     assert "## Device vs device" in md
     assert "| stage | tok/s cpu | tok/s NVIDIA H100 80GB HBM3 | NVIDIA H100 80GB HBM3 / cpu |" in md
     assert "| baseline | 1,000 | 18,000 | 18.00x |" in md
-    assert "| flash |  | 90,000 |  |" in md
+    assert "| flash | | 90,000 | |" in md
     assert "NVIDIA H100 80GB HBM3 is 18.0x faster than cpu" in md
     csv = pd.read_csv(paths["csv"])
     assert list(csv["folder"]) == ["../cpu"] * 2 + ["../gpu"] * 3
     assert list(csv["device_label"].unique()) == ["cpu", "NVIDIA H100 80GB HBM3"]
     # the slower device is the reference whatever the folder order, so the ratio reads "18x faster"
-    md = build_report([gpu, cpu], out_dir=out)["md"].read_text()
+    md = squash(build_report([gpu, cpu], out_dir=out)["md"].read_text())
     assert "| stage | tok/s NVIDIA H100 80GB HBM3 | tok/s cpu | NVIDIA H100 80GB HBM3 / cpu |" in md
     assert "| baseline | 18,000 | 1,000 | 18.00x |" in md
 
@@ -183,7 +196,7 @@ def test_equal_devices_are_told_apart_by_folder(tmp_path):
     a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
     make_run(a, "0_baseline", "baseline", 100.0, device="cpu")
     make_run(b, "0_baseline", "baseline", 150.0, device="cpu")
-    md = build_report([a, b])["md"].read_text()
+    md = squash(build_report([a, b])["md"].read_text())
     assert "| baseline | 100 | 150 | 1.50x |" in md
     assert "tok/s cpu (a)" in md and "tok/s cpu (b)" in md
 
@@ -253,3 +266,107 @@ def test_odd_inputs_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: report: --out {tmp_path / 'a-file'} is a file, not a folder; give a " \
                                       "folder (it is created if missing)\n"
     assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_a_noisy_row_is_flagged_and_a_steady_one_is_not(tmp_path):
+    folder = tmp_path / "sweep"
+    warm = [5000.0, 4000.0, 3000.0]  # the first steps (steps - steps_measured) are warm-up: never judged
+    steady = warm + [160.0, 158.0, 161.0, 157.0, 162.0, 159.0, 160.0, 240.0, 158.0, 161.0]  # one slow step
+    noisy = warm + [334.0, 1249.0, 3620.0, 400.0, 2900.0, 1249.0, 350.0, 3100.0, 1500.0, 380.0]
+    make_run(folder, "0_baseline", "baseline", 3200.0, steps=13, step_ms=steady)
+    make_run(folder, "1_tf32", "tf32", 2340.0, steps=13, step_ms=noisy)
+    make_run(folder, "2_bf16", "bf16", None, status="failed", error="boom")
+    df = load_runs(folder)
+    assert list(df["noisy"].astype(object)) == [False, True, pd.NA]
+    assert df["ms_iqr_rel"].iloc[0] < 0.1 < df["ms_iqr_rel"].iloc[1]
+    paths = build_report([folder])
+    md = squash(paths["md"].read_text())
+    assert "interquartile range of its steady-state step times exceeds 10% of their median" in md
+    assert "Flagged: 1 of 2 timed rows (tf32)" in md
+    assert line(md, "| 1 | tf32").count("noisy") == 1 and "noisy" not in line(md, "| 0 | baseline")
+    assert list(pd.read_csv(paths["csv"])["noisy"].astype(object).fillna("")) == [False, True, ""]
+
+
+def test_noise_falls_back_to_the_summary_range_without_step_times(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100.0, ms_per_step_min=100.0, ms_per_step_max=120.0)
+    make_run(folder, "1_tf32", "tf32", 100.0, ms_per_step_min=334.0, ms_per_step_max=3620.0)
+    for run in folder.iterdir():
+        (run / "metrics.jsonl").unlink()
+    assert list(load_runs(folder)["noisy"]) == [False, True]
+    md = squash(build_report([folder])["md"].read_text())
+    assert "max/min 10.8x noisy" in line(md, "| 1 | tf32") and "Flagged: 1 of 2 timed rows (tf32)" in md
+
+
+def test_measured_peak_mfu_is_marked(tmp_path):
+    cpu, mixed = tmp_path / "cpu", tmp_path / "mixed"
+    for folder in (cpu, mixed):
+        make_run(folder, "0_baseline", "baseline", 100.0, device="cpu", mfu_peak_source="measured")
+    make_run(cpu, "1_tf32", "tf32", 100.0, device="cpu", mfu_peak_source="measured")
+    md = squash(build_report([cpu])["md"].read_text())
+    assert "| MFU % (measured peak) |" in md and "- **MFU:** against a peak measured on this machine" in md
+    assert "not charted" in md
+    make_run(mixed, "1_tf32", "tf32", 100.0, device="cpu", mfu_peak_source="datasheet")
+    md = squash(build_report([mixed])["md"].read_text())
+    assert "| MFU % |" in md and "cells marked (measured peak)" in md
+    assert "25.0 (measured peak)" in line(md, "| 0 | baseline") and "measured" not in line(md, "| 1 | tf32")
+    make_run(tmp_path / "h100", "0_baseline", "baseline", 1.0)  # a datasheet peak: nothing to mark
+    datasheet = build_report([tmp_path / "h100"])["md"].read_text()
+    assert "measured peak" not in datasheet and "**MFU:**" not in datasheet
+
+
+def test_grad_accum_row_shows_the_setting_that_ran(tmp_path):
+    folder = tmp_path / "sweep"
+    adds = "total batch 524,288 tokens (2^19, GPT-3 small's ~0.5M) by gradient accumulation"
+    make_run(folder, "0_grad-accum", "grad-accum", 100.0, adds=adds, tokens_per_step=16384, grad_accum_steps=32)
+    make_run(folder, "1_grad-accum", "grad-accum", 100.0, adds=adds, tokens_per_step=524288, grad_accum_steps=32)
+    make_run(folder, "2_big-batch", "big-batch", 100.0, adds="micro-batch B=64 (the same 524,288 tokens/step)",
+             tokens_per_step=524288, batch_size=8)
+    md = squash(build_report([folder])["md"].read_text())
+    assert f"{adds} (ran: 16,384 tokens/step, 32 micro-steps) |" in line(md, "| 0 | grad-accum")
+    assert "(ran:" not in line(md, "| 1 | grad-accum")  # as the stage says: nothing added
+    assert "(the same 524,288 tokens/step) (ran: B=8) |" in line(md, "| 2 | big-batch")
+
+
+def test_runs_of_different_models_are_grouped_never_compared(tmp_path):
+    folder = tmp_path / "2026-11-25"  # outputs/DATE: single runs of two models, folders named by time
+    make_run(folder, "10-00-00", "baseline", 1_000.0, model="tiny", seq_len=64, job=None)
+    make_run(folder, "10-05-00", "flash", 3_000.0, model="tiny", seq_len=64)
+    make_run(folder, "11-00-00", "baseline", 100.0, model="gpt2")
+    make_run(folder, "11-30-00", "flash", 400.0, model="gpt2")
+    make_run(folder, "12-00-00", "tf32", None, status="failed", error="boom", model="gpt2", device=None)
+    df = load_runs(folder)
+    assert list(df["speedup_vs_baseline"].round(6).fillna(-1)) == [1.0, 3.0, 1.0, 4.0, -1]
+    assert pd.isna(df["speedup_vs_prev"].iloc[2])  # the gpt2 baseline is not compared with tiny's flash
+    assert df["group"].nunique() == 2 and df["group"].iloc[4] == df["group"].iloc[2]  # failed joins its model
+    assert list(df["key"]) == ["baseline [model=tiny, T=64]", "flash [model=tiny, T=64]",
+                               "baseline [model=gpt2, T=1024]", "flash [model=gpt2, T=1024]",
+                               "tf32 [model=gpt2, T=1024]"]
+    paths = build_report([folder])
+    md = squash(paths["md"].read_text())
+    assert "these runs form 2 groups" in md and "speed-ups are computed only within a group" in md
+    tiny = md.index("### model=tiny, device=NVIDIA H100 80GB HBM3, T=64, world size=1")
+    gpt2 = md.index("### model=gpt2, device=NVIDIA H100 80GB HBM3, T=1024, world size=1")
+    assert tiny < md.index("| 4.00x |") and gpt2 < md.index("| 4.00x |") and md.index("| 3.00x |") < gpt2
+    assert "failed" in md[gpt2:]
+    csv = pd.read_csv(paths["csv"])
+    assert csv["group"].nunique() == 2 and list(csv["speedup_vs_baseline"].fillna(-1)) == [1, 3, 1, 4, -1]
+
+
+def test_chart_with_many_runs_has_distinct_colours_and_plots_tokens_seen(tmp_path):
+    folder = tmp_path / "sweep"
+    for i in range(13):
+        make_run(folder, f"{i}_s{i}", f"s{i}", 1000.0 + i, tokens_per_step=512 * (32 if i == 12 else 1))
+    df = load_runs(folder)
+    fig = figure([df], ["cpu"])
+    lines = fig.axes[1].lines
+    assert len(lines) == 13 and len({ln.get_color() for ln in lines}) == 13
+    assert len({(ln.get_linestyle(), ln.get_marker()) for ln in lines[:4]}) == 4  # equal curves stay visible
+    assert list(lines[0].get_xdata()) == [512 * (s + 1) for s in range(5)]  # tokens seen, not steps
+    assert list(lines[12].get_xdata())[-1] == 512 * 32 * 5
+    assert fig.axes[1].get_xscale() == "log"  # grad-accum's 32x the tokens would squash the others
+    bars = fig.axes[0].patches
+    assert len({tuple(b.get_facecolor()) for b in bars}) == 13
+    for n in (10, 20, 21, 40):
+        assert len(set(colors(n))) == n
+    assert build_report([folder])["png"].read_bytes().startswith(b"\x89PNG")

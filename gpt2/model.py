@@ -217,7 +217,18 @@ class GPT(nn.Module):
         if name_or_path.startswith("gpt2") and name_or_path in PRESETS \
                 and not (Path(name_or_path) / "config.json").is_file():
             name_or_path = f"openai-community/{name_or_path}"
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(name_or_path).model_type
+        if model_type != "gpt2":  # transformers would build a GPT-2 around it with random weights
+            raise ValueError(f"{name_or_path} holds a {model_type} model, not GPT-2")
+        hf, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
+        missing = sorted(k for k in info["missing_keys"] if not k.endswith((".attn.bias", ".attn.masked_bias"))
+                         and k != "lm_head.weight")  # causal-mask buffers, and the head tied to wte
+        unexpected = sorted(info["unexpected_keys"])
+        if missing or unexpected:
+            raise ValueError(f"{name_or_path} is not a complete GPT-2 checkpoint (missing: {missing[:3] or 'none'}, "
+                             f"unexpected: {unexpected[:3] or 'none'})")
         hc = hf.config
         config = GPTConfig(block_size=hc.n_positions, vocab_size=max(vocab_size or hc.vocab_size, hc.vocab_size),
                            n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, attention=attention,

@@ -83,6 +83,9 @@ def build_model(cfg, gpt_config, device: torch.device, world_size: int = 1) -> G
         try:
             model = GPT.from_pretrained(cfg.model.init_from, vocab_size=gpt_config.vocab_size,
                                         attention=gpt_config.attention)
+        except ValueError as e:  # another architecture, or a GPT-2 with weights missing
+            raise UsageError(f"model.init_from={cfg.model.init_from}: {e}; give a GPT-2 checkpoint (a hub name "
+                             "gpt2 ... gpt2-xl, or a folder written by transformers)") from None
         except OSError as e:
             raise UsageError(f"model.init_from={cfg.model.init_from}: could not load Hugging Face weights "
                              f"({str(e).splitlines()[0]}); give a hub name (gpt2 ... gpt2-xl) with network "

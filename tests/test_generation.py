@@ -2,12 +2,10 @@
 and `python -m gpt2.sample`'s options and bad input. CPU, tiny random models, no network."""
 
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
 from gpt2.generation import EOT, KVCache, complete, sample_next, stream, stream_text
 from gpt2.model import GPT, GPTConfig
 
@@ -150,8 +148,19 @@ def test_stream_stops_when_the_caller_stops():
 # ---- python -m gpt2.sample -------------------------------------------------------------------------------
 
 def run_sample(*args):
-    return subprocess.run([sys.executable, "-m", "gpt2.sample", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    """python -m gpt2.sample, in this process (a subprocess costs seconds of imports): (returncode, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from gpt2.sample import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

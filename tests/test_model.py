@@ -332,3 +332,23 @@ def test_tiny_preset_overfits_one_batch():
             break
     assert losses[0] > math.log(50257) - 1  # starts near uniform
     assert losses[-1] < 0.5, losses[-10:]
+
+
+def test_from_pretrained_refuses_what_is_not_gpt2(tmp_path, hf_folder):
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(bert)
+    with pytest.raises(ValueError, match=f"{bert} holds a bert model, not GPT-2"):
+        GPT.from_pretrained(str(bert))
+    # a GPT-2 folder whose weights lack a block: would otherwise be filled with random numbers
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((hf_folder / "config.json").read_text())
+    weights = load_file(hf_folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".h.0.mlp." not in k}, broken / "model.safetensors")
+    with pytest.raises(ValueError, match="is not a complete GPT-2 checkpoint .missing: .'transformer.h.0.mlp"):
+        GPT.from_pretrained(str(broken))

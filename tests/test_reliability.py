@@ -626,6 +626,9 @@ BAD_INPUT = {
                                                         "50257 ids", "usage"),
     "val-fraction-one": (["data.val_fraction=1"], "data.val_fraction=1.0 must be in [0, 1)", "usage"),
     "cache-dir-is-a-file": (["data.cache_dir={tmp}/empty.txt"], "data.cache_dir={tmp}/empty.txt is a file", "usage"),
+    "init-from-another-architecture": (["model.init_from={tmp}/../bert"],
+                                       "model.init_from={tmp}/../bert: {tmp}/../bert holds a bert model, not GPT-2",
+                                       "usage"),
     "init-from-with-sizes": (["model.init_from={tmp}", "model.n_embd=128"],
                              "model.n_embd=128 cannot be combined with model.init_from={tmp}", "usage"),
     # refused before Hydra starts: no folder at all (a stage name becomes a folder name)
@@ -650,6 +653,9 @@ def refusals(tmp_path_factory, data_args):
     _write_pickle_bomb(files / "bomb.pt", tmp / "pwned")
     tiny_checkpoint(files / "wide.pt", n_embd=128)
     tiny_checkpoint(files / "adamw.pt", config_yaml="model:\n  name: tiny\noptim:\n  name: adamw\n")
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp / "bert")
     digests = {p: digest(p) for p in files.iterdir()}
 
     def attempt(case):

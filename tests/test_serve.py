@@ -1,0 +1,211 @@
+"""python -m gpt2.serve: the OpenAI-compatible API (plain, streamed, concurrent, bad input, the openai client),
+and the page in a headless browser. A tiny random model from a run folder in tmp_path; no network."""
+
+import json
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+fastapi = pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="httpx (a dependency of the openai client) is not installed")
+
+from gpt2.loading import load_model  # noqa: E402
+from gpt2.model import GPT, GPTConfig  # noqa: E402
+from gpt2.serve import create_app  # noqa: E402
+from gpt2.tokenizer import encode  # noqa: E402
+
+BLOCK = 64
+CAP = 4000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A run folder with a tiny random model, served by uvicorn in a thread: its base URL."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=50304)
+    model = GPT(GPTConfig(**shape))
+    torch.save({"model": model.state_dict(), "model_shape": shape, "step": 7, "config": "stage:\n  name: flash\n"},
+               run / "checkpoint.pt")
+    (run / "summary.json").write_text(json.dumps({"stage": "flash", "steps": 7, "val_loss": 10.5}))
+    model, info = load_model(str(run))
+    app = create_app(model, info, max_tokens_cap=CAP, model_name="tiny")
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def post(server, body, **kw):
+    return httpx.post(f"{server}/v1/completions", json=body, timeout=60, **kw)
+
+
+def test_models_and_info(server):
+    models = httpx.get(f"{server}/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+    info = httpx.get(f"{server}/info").json()
+    assert info["stage"] == "flash" and info["steps"] == 7 and info["val_loss"] == 10.5 and info["block_size"] == BLOCK
+    page = httpx.get(f"{server}/")
+    assert page.status_code == 200 and "Generate" in page.text and "<textarea" in page.text
+
+
+def test_plain_completion_shape_and_seed(server):
+    body = {"model": "tiny", "prompt": ["Hello", "ROMEO: What"], "max_tokens": 12, "n": 2, "seed": 3,
+            "temperature": 0.8, "top_p": 0.9, "some_future_field": {"ignored": True}}
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and out["model"] == "tiny" and out["id"].startswith("cmpl-")
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert all(c["finish_reason"] in ("stop", "length") and c["logprobs"] is None for c in out["choices"])
+    usage = out["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] 
+    assert usage["prompt_tokens"] == len(encode("Hello")) + len(encode("ROMEO: What"))
+    assert post(server, body).json()["choices"] == out["choices"]  # same seed, same text
+    greedy = post(server, {"prompt": "Hello", "max_tokens": 12, "temperature": 0}).json()["choices"][0]
+    assert greedy == post(server, {"prompt": "Hello", "max_tokens": 12, "temperature": 0, "seed": 9}).json()["choices"][0]
+
+
+def test_stream_equals_plain_and_ends_with_done(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 20, "seed": 1, "stop": ["the"]}
+    plain = post(server, body).json()["choices"][0]
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["finish_reason"]
+
+
+def test_concurrent_requests_do_not_mix(server):
+    bodies = [{"prompt": p, "max_tokens": 30, "seed": 5, "temperature": 0.9} for p in ("Alpha", "Beta gamma", "Delta")]
+    alone = [post(server, b).json()["choices"][0]["text"] for b in bodies]
+    results = [None] * 3
+
+    def run(i):
+        with httpx.stream("POST", f"{server}/v1/completions", json={**bodies[i], "stream": True}, timeout=60) as r:
+            results[i] = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                                 if line.startswith("data: {"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    assert httpx.get(f"{server}/v1/models", timeout=5).status_code == 200  # HTTP is not blocked meanwhile
+    for t in threads:
+        t.join(timeout=60)
+    assert results == alone
+
+
+def generating() -> int:
+    return sum(t.name.startswith("generate-") for t in threading.enumerate())
+
+
+def test_disconnect_stops_generation(server):
+    with httpx.stream("POST", f"{server}/v1/completions", timeout=60,
+                      json={"prompt": "Go on and on", "max_tokens": CAP, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert generating() == 1
+    deadline = time.time() + 10
+    while generating() and time.time() < deadline:
+        time.sleep(0.05)
+    assert generating() == 0
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"max_tokens": 5}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "x " * (BLOCK + 10)}, "prompt"),
+    ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": CAP + 1}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "hi", "seed": "x"}, "seed"),
+    ({"prompt": "hi", "stream": "yes"}, "stream"),
+])
+def test_bad_requests_name_the_field(server, body, param):
+    r = post(server, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and param in error["message"]
+
+
+def test_invalid_json(server):
+    r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_openai_client_plain_and_streamed(server):
+    openai = pytest.importorskip("openai", reason="the openai client is not installed (serve extra)")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    done = client.completions.create(model="tiny", prompt="Hello, I'm a language model,", max_tokens=10, seed=2)
+    assert done.choices[0].finish_reason in ("stop", "length") and done.usage.completion_tokens <= 10
+    pieces = client.completions.create(model="tiny", prompt="Hello, I'm a language model,", max_tokens=10, seed=2,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in pieces) == done.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=CAP + 1)
+
+
+def find_browser():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_page_in_a_headless_browser(server):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    browser, driver_path = find_browser(), shutil.which("chromedriver")
+    if not browser or not driver_path:
+        pytest.skip("no Chromium and chromedriver on this machine (Debian: apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(server + "/")
+        WebDriverWait(driver, 20).until(lambda d: "stage flash" in d.find_element(By.ID, "model").text)
+        assert "val loss 10.5000" in driver.find_element(By.ID, "model").text
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("ROMEO:")
+        driver.find_element(By.ID, "seed").send_keys("1")
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+        assert driver.find_element(By.ID, "completion").text.strip()
+        assert driver.find_element(By.ID, "output").text.startswith("ROMEO:")
+    finally:
+        driver.quit()

@@ -328,3 +328,20 @@ def test_too_little_data_is_a_usage_error():
         data.TokenLoader(ramp(16), batch_size=2, seq_len=8)  # needs 2 * 8 + 1 = 17 tokens
     assert "16" in str(info.value)
     data.TokenLoader(ramp(17), batch_size=2, seq_len=8)  # exactly enough
+
+
+def test_the_suite_finds_its_data_or_says_exactly_how(tmp_path, monkeypatch):
+    # the cache is consulted with its checksum; offline with an empty cache the fixture skips with the fix
+    import shutil
+
+    import conftest
+
+    monkeypatch.setenv("GPT2_SPEEDRUN_CACHE", str(tmp_path))
+    source = conftest._find_shakespeare()
+    if source is None:
+        pytest.skip("no local Tiny Shakespeare to seed the cache with")
+    shutil.copy(source, tmp_path / "tinyshakespeare.txt")
+    assert conftest._download_shakespeare() == tmp_path / "tinyshakespeare.txt"  # intact: no download
+    (tmp_path / "tinyshakespeare.txt").write_text("not Shakespeare")
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert conftest._download_shakespeare() is None  # a corrupt copy is not used; offline: None, and a skip

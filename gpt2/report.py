@@ -23,6 +23,10 @@ Rules a reader can check:
 - "adds" is the stage's own text; where the run's effective setting differs from a figure it names
   (tokens per step, micro-batch B), e.g. a CPU sweep's grad-accum shrunk by sweep.stage_overrides, the cell
   says what ran: "(ran: 16,384 tokens/step, 32 micro-steps)".
+- Evaluations: `val loss` is a run's last validation (its summary's, else metrics.jsonl's last row). Where some
+  run validated more than once, `val loss (best)` (the lowest) follows; where some run ran HellaSwag, its acc_norm,
+  last and best (highest); report.csv then gains EVAL_COLUMNS, and the chart a panel for each. GPT-2 124M's
+  published figures (report_rules.PUBLISHED) appear only in the reference section and as labelled chart lines.
 """
 
 import argparse
@@ -42,12 +46,6 @@ from gpt2.report_chart import plot
 
 log = logging.getLogger(__name__)
 
-# Published figures (DESIGN.md), never mixed with measured columns.
-REFERENCE = [  # stage, seed README on H100 (ms/step), build-nanogpt video on A100 (ms/step)
-    ("baseline", "~400", "~1000"), ("tf32", "~200", "~333"), ("bf16", "~180", "~300"),
-    ("(torch.compile)", "-", "~130"), ("flash", "~88", "~96"), ("nice-vocab", "~58", "~93"),
-    ("gpt3-optim (fused AdamW)", "-", "~90"),
-]
 # read from summary.json, in report.csv order
 FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
           "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps", "steps_measured",
@@ -61,6 +59,10 @@ NUMERIC = INTEGER + ["ms_per_step", "ms_per_step_min", "ms_per_step_max", "token
                      "val_loss"]
 SPEEDUPS = ["speedup_vs_baseline", "speedup_vs_prev", "baseline_stage", "prev_stage"]
 CSV_COLUMNS = ["folder", "device_label", "run_dir", "job"] + FIELDS + SPEEDUPS + ["group", "ms_iqr_rel", "noisy"]
+# appended to report.csv only when a run evaluated during training (as the table's columns), so the speed
+# sweeps' files stay as they were; val_loss (final) is in FIELDS
+EVAL_HEADER = ["val loss (best)", "HellaSwag acc_norm", "HellaSwag acc_norm (best)"]
+EVAL_COLUMNS = ["val_loss_best", "val_evals", "hellaswag_acc_norm", "hellaswag_acc_norm_best", "hellaswag_evals"]
 # Run facts shown once in the header when all rows agree, else as a per-row column of the table.
 HEADER_FIELDS = [("device", "device"), ("torch", "torch_version"), ("CUDA", "cuda_version"), ("model", "model"),
                  ("B", "batch_size"), ("T", "seq_len"), ("world size", "world_size"), ("steps", "steps"),
@@ -98,6 +100,7 @@ def load_runs(folder) -> pd.DataFrame:
         summary = _read_summary(d) or {"stage": stage, "status": "incomplete",
                                        "error": "no summary.json (process killed?)"}
         row = {k: summary.get(k) for k in FIELDS}
+        row["hellaswag_acc_norm"] = summary.get("hellaswag_acc_norm")
         row["job"] = job if job is not None else summary.get("job_num")
         row["stage"] = row["stage"] or stage
         if row["status"] in (None, "running"):
@@ -106,16 +109,31 @@ def load_runs(folder) -> pd.DataFrame:
         rows.append(row)
     if not rows:
         raise UsageError(f"report: no runs under {folder} (expected summary.json in it or in its sub-folders)")
-    df = pd.DataFrame(rows, columns=["job"] + FIELDS + ["path"])
+    df = pd.DataFrame(rows, columns=["job"] + FIELDS + ["hellaswag_acc_norm", "path"])
     df["_order"] = pd.to_numeric(df["job"], errors="coerce").fillna(math.inf)
     df = df.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
-    for col in NUMERIC:
+    for col in NUMERIC + ["hellaswag_acc_norm"]:
         df[col] = pd.to_numeric(df[col], errors="coerce")
         df[col] = df[col].round().astype("Int64") if col in INTEGER else df[col]
+    df = _add_evals(df)
     noise = [_noise(r) for _, r in df.iterrows()]
     df["ms_iqr_rel"] = pd.array([rel for rel, _ in noise], dtype="Float64").astype(float)
     df["noisy"] = pd.array([flag for _, flag in noise], dtype="boolean")
     return _add_speedups(_add_groups(df))
+
+
+def _add_evals(df: pd.DataFrame) -> pd.DataFrame:
+    """Final and best val loss and HellaSwag acc_norm, and how many of each metrics.jsonl holds."""
+    found = [rules.run_evals(p, None if _missing(v) else v, None if _missing(h) else h)
+             for p, v, h in zip(df["path"], df["val_loss"], df["hellaswag_acc_norm"])]
+    return df.assign(**{c: [f[c] for f in found] if c.endswith("_evals") else
+                        pd.array([f[c] for f in found], dtype="Float64").astype(float)
+                        for c in EVAL_COLUMNS + ["val_loss"]})
+
+
+def _evaluated(df: pd.DataFrame):
+    """(show val loss (best)?, show HellaSwag?): a run validated more than once; a run has a HellaSwag figure."""
+    return bool((df["val_evals"] > 1).any()), bool(df["hellaswag_acc_norm"].notna().any())
 
 
 def _measured(row) -> bool:
@@ -193,15 +211,6 @@ def _short_error(err) -> str:
     return line if len(line) <= 120 else line[:117] + "..."
 
 
-def _md_table(header, rows, right=()) -> str:
-    """A GitHub pipe table; columns in `right` right-aligned, the others left as written (no padding)."""
-    def cell(v):
-        return str(v).replace("|", "\\|").replace("\n", " ")  # tabulate does not escape a pipe in a cell
-    table = pd.DataFrame([[cell(c) for c in r] for r in rows], columns=[cell(h) for h in header])
-    return table.to_markdown(index=False, disable_numparse=True,
-                             colalign=["right" if h in right else None for h in header])
-
-
 def _uniques(series):
     return sorted({_fmt(v) for v in series if not _missing(v)})
 
@@ -236,11 +245,14 @@ def _noise_cell(r) -> str:
     return (cell + " noisy").strip() if _flagged(flag) else cell
 
 
-def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, show_reserved: bool) -> str:
+def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, show_reserved: bool,
+           evals=(False, False)) -> str:
+    best_val, hellaswag = evals
     header = (["job", "stage", "adds"] + [label for label, _ in varying] +
               ["tokens/step", "ms/step (min-max)", "step IQR %", "tok/s", "vs baseline", "vs previous", mfu_label,
                "peak mem GiB"] + (["peak reserved GiB"] if show_reserved else []) +
-              ["final loss", "val loss", "status"] + (["error"] if show_error else []))
+              ["final loss", "val loss"] + EVAL_HEADER[:best_val] + EVAL_HEADER[1:1 + 2 * hellaswag] +
+              ["status"] + (["error"] if show_error else []))
     rows, mixed_mfu = [], mfu_label == "MFU %"
     for i, (_, r) in enumerate(df.iterrows()):
         prev = _ratio(r["speedup_vs_prev"])
@@ -253,11 +265,15 @@ def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, sh
                     [_fmt(r["tokens_per_step"], "{:,}"), _ms_cell(r), _noise_cell(r),
                      _fmt(r["tokens_per_sec"], "{:,.0f}"), _ratio(r["speedup_vs_baseline"]), prev, mfu,
                      _mem_cell(r["peak_mem_gib"])] + ([_mem_cell(r["peak_mem_reserved_gib"])] if show_reserved else [])
-                    + [_fmt(r["final_loss"], "{:.3f}"), _fmt(r["val_loss"], "{:.3f}"), r["status"]]
+                    + [_fmt(r["final_loss"], "{:.3f}"), _fmt(r["val_loss"], "{:.3f}")]
+                    + [_fmt(r["val_loss_best"], "{:.3f}")][:best_val]
+                    + [_fmt(r[c], "{:.4f}") for c in ("hellaswag_acc_norm", "hellaswag_acc_norm_best")][:2 * hellaswag]
+                    + [r["status"]]
                     + ([_short_error(r["error"])] if show_error else []))
     right = {"job", "tokens/step", "step IQR %", "tok/s", "vs baseline", mfu_label, "peak mem GiB",
-             "peak reserved GiB", "final loss", "val loss"} | {label for label, col in varying if col in NUMERIC}
-    return _md_table(header, rows, right)
+             "peak reserved GiB", "final loss", "val loss", *EVAL_HEADER}
+    right |= {label for label, col in varying if col in NUMERIC}
+    return rules.md_table(header, rows, right)
 
 
 def _section(df: pd.DataFrame, title: str) -> list:
@@ -296,6 +312,9 @@ def _section(df: pd.DataFrame, title: str) -> list:
         out.append("- **MFU:** " + ("" if mfu_label != "MFU %" else "cells marked (measured peak) are ")
                    + "against a peak measured on this machine (one timed matmul), not a datasheet figure: it moves "
                      "with the machine's load, compares only rows of this table, and is not charted")
+    evals = _evaluated(df)
+    if any(evals):
+        out.append("- **evaluations:** " + rules.evals_note(*evals))
     commands = _uniques(df["command"])
     if len(commands) == 1:
         out += ["", "Command:", "", "```", commands[0], "```"]
@@ -307,7 +326,7 @@ def _section(df: pd.DataFrame, title: str) -> list:
     show_reserved = bool(df["peak_mem_reserved_gib"].notna().any())
     for g in groups:
         out += ([""] if len(groups) == 1 else ["", f"### {g}", ""]) + [
-            _table(df[df["group"] == g], varying, mfu_label, show_error, show_reserved)]
+            _table(df[df["group"] == g], varying, mfu_label, show_error, show_reserved, evals)]
     return out + [""]
 
 
@@ -340,30 +359,7 @@ def _comparison(frames, labels) -> list:
         out.append("Note: the folders ran different set-ups (" +
                    "; ".join(f"{lab}: {s}" for lab, s in zip(labels, setups)) + ").")
     right = set(header[1:])
-    return out + ["", _md_table(header, rows, right), ""]
-
-
-def _reference() -> list:
-    header = ["stage", "seed README, H100, ms/step (B=16, T=1024, read off screenshots)",
-              "build-nanogpt video, A100, ms/step (B=16, T=1024)"]
-    return ["## Published reference figures (not measured here)", "",
-            "These are published figures, not measured here: the seed repository's README (H100, read off its "
-            "screenshots) and Karpathy's build-nanogpt video (A100). Compare them with the measured tables "
-            "above only as orientation.", "", _md_table(header, REFERENCE), ""]
-
-
-def _device_labels(frames, folders) -> list:
-    devices = [", ".join(_uniques(df["device"])) or "unknown device" for df in frames]
-    parts = [Path(f).resolve().parts for f in folders]
-    labels = list(devices)
-    for i, dev in enumerate(devices):
-        same = [j for j, other in enumerate(devices) if other == dev]
-        if len(same) > 1:
-            n = 1  # shortest path suffix that tells the folders apart
-            while n < len(parts[i]) and len({parts[j][-n:] for j in same}) < len(same):
-                n += 1
-            labels[i] = f"{dev} ({'/'.join(parts[i][-n:])})"
-    return labels
+    return out + ["", rules.md_table(header, rows, right), ""]
 
 
 # ---------------------------------------------------------------- entry points
@@ -381,7 +377,7 @@ def build_report(folders: list, out_dir=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"report: cannot create --out {out} ({e.strerror}); give a folder you can write to") from None
-    labels = _device_labels(frames, folders)
+    labels = rules.device_labels([", ".join(_uniques(df["device"])) or "unknown device" for df in frames], folders)
     md = ["# GPT-2 speed-up report", "",
           "Measured by this project's training loop; every figure below comes from the runs' own summary.json "
           "and metrics.jsonl. ms/step is the median over steady-state steps (min-max in brackets; step IQR % is "
@@ -392,13 +388,15 @@ def build_report(folders: list, out_dir=None) -> dict:
         md += _section(df, lab if len(frames) > 1 else f"Measured: {lab}")
         df = df.assign(folder=rel, device_label=lab,
                        run_dir=[Path(os.path.relpath(p, out.resolve())).as_posix() for p in df["path"]])
-        tables.append(df[CSV_COLUMNS])
+        tables.append(df)
     if len(frames) > 1:
         md += _comparison(frames, labels)
-    md += _reference()
+    evaluated = any(any(_evaluated(df)) for df in frames)
+    md += rules.reference_section(evaluated)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
     paths["md"].write_text("\n".join(md))
-    pd.concat(tables, ignore_index=True).to_csv(paths["csv"], index=False, lineterminator="\n")
+    csv = pd.concat(tables, ignore_index=True)[CSV_COLUMNS + EVAL_COLUMNS * evaluated]  # evaluations: see EVAL_COLUMNS
+    csv.to_csv(paths["csv"], index=False, lineterminator="\n")
     plot(frames, labels, paths["png"])
     return paths
 

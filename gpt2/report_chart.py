@@ -1,4 +1,6 @@
-"""The report's chart: throughput per stage (bars) and training loss against tokens seen (one panel per folder).
+"""The report's chart: throughput per stage (bars), training loss against tokens seen (one panel per folder)
+and, where runs evaluated during training, val loss and HellaSwag acc_norm against tokens seen (one panel each,
+every folder's runs in it) with GPT-2 124M's published figures as labelled reference lines.
 
 Curves of stages that learn the same thing (tf32, bf16 and flash give the same losses) lie on top of each
 other, so each curve has its own line style, width and hollow marker shape and size, its markers at their own
@@ -12,6 +14,8 @@ import math
 from pathlib import Path
 
 import pandas as pd
+
+from gpt2.report_rules import EVAL_KEYS, PUBLISHED, PUBLISHED_NAME, eval_curves
 
 STYLES = ["-", "--", "-.", ":"]
 MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "<", ">"]
@@ -56,19 +60,73 @@ def _ok(v) -> bool:
     return not pd.isna(v)
 
 
+def _style(i: int, n: int) -> dict:
+    """Line i of n: neighbours (likeliest to be equal) differ in width and hollow marker size, so nested
+    outlines show; their markers interleave."""
+    wide = (3 - i % 4) / 3
+    return dict(linewidth=1 + 1.5 * wide, linestyle=STYLES[i % len(STYLES)], marker=MARKERS[i % len(MARKERS)],
+                markersize=4 + 5 * wide, fillstyle="none", markevery=(0.06 * i / n, 0.06))
+
+
+def _tokens_axis(ax, ends) -> None:
+    """x axis of tokens seen; log scale when one run saw far more than another (grad-accum: 32x the tokens)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    log_x = bool(ends) and max(ends) > 8 * min(ends)
+    ax.set_xscale("log" if log_x else "linear")
+    ax.xaxis.set_major_locator(LogLocator() if log_x else MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(_tokens))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("tokens seen (steps done x tokens per step" + (", log scale)" if log_x else ")"))
+
+
+def eval_series(frames, labels) -> dict:
+    """{key: [(label, steps, values, tokens_per_step)]} of the evaluations worth a panel: val loss where some
+    run validated more than once (a speed sweep's one final validation is no curve), HellaSwag where any ran."""
+    found = {k: [] for k in EVAL_KEYS}
+    for df, lab in zip(frames, labels):
+        for key, run_path, tps in zip(df["key"], df["path"], df["tokens_per_step"]):
+            if not _ok(tps) or tps <= 0:
+                continue  # without tokens per step there is no honest x position
+            for name, (steps, values) in eval_curves(run_path).items():
+                found[name].append((key if len(frames) == 1 else f"{key} ({lab})", steps, values, tps))
+    if not any(len(steps) > 1 for _, steps, _, _ in found["val_loss"]):
+        found["val_loss"] = []
+    return {k: v for k, v in found.items() if v}
+
+
+def _eval_panel(ax, name: str, series: list, colour: dict) -> None:
+    ends = []
+    for i, (label, steps, values, tps) in enumerate(series):
+        # an evaluation after step s has seen (s + 1) batches, as the loss panels count
+        ax.plot([(s + 1) * tps for s in steps], values, label=label, color=colour[label], **_style(i, len(series)))
+        ends.append((max(steps) + 1) * tps)
+    _tokens_axis(ax, ends)
+    ref = PUBLISHED[name]
+    ax.axhline(ref, color="black", linestyle=(0, (6, 3)), linewidth=1.5, label=f"{PUBLISHED_NAME}: {ref}")
+    ax.annotate(f"{PUBLISHED_NAME}: {ref} (not measured here)", (0.01, ref), xycoords=("axes fraction", "data"),
+                ha="left", va="bottom", fontsize=8)
+    what = "val loss" if name == "val_loss" else "HellaSwag acc_norm"
+    ax.set_ylabel(what)
+    ax.set_title(f"{what} against tokens seen (" + ("lower" if name == "val_loss" else "higher")
+                 + " is better; dashed: published, build-nanogpt)")
+    ax.legend(fontsize=8, ncol=2 if len(ax.lines) <= 12 else 3)
+
+
 def figure(frames, labels):
     """The chart as a matplotlib Figure. frames: per folder, a DataFrame with key, status, tokens_per_sec,
     speedup_vs_baseline, tokens_per_step and path columns (gpt2.report.load_runs)."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global state; PNG goes through Agg
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     keys = []
     for df in frames:
         keys += [k for k in df["key"] if k not in keys]
     colour = dict(zip(keys, colors(len(keys))))
     folder_colour, n = colors(len(frames)), len(frames)
-    fig = Figure(figsize=(11, 4.5 + 3.8 * n), layout="tight")  # "constrained" varies in the last bits
-    axes = fig.subplots(1 + n, 1, squeeze=False, height_ratios=[1.2] + [1] * n)[:, 0]
+    evals = eval_series(frames, labels)
+    e = len(evals)
+    fig = Figure(figsize=(11, 4.5 + 3.8 * (n + e)), layout="tight")  # "constrained" varies in the last bits
+    axes = fig.subplots(1 + n + e, 1, squeeze=False, height_ratios=[1.2] + [1] * (n + e))[:, 0]
     ax, width, heights = axes[0], 0.8 / n, []
     for k, (df, lab) in enumerate(zip(frames, labels)):
         ok = ~df["status"].isin(["failed", "incomplete"]) & (df["tokens_per_sec"] > 0).fillna(False)
@@ -92,29 +150,24 @@ def figure(frames, labels):
         ax.set_yscale("log")
     if n > 1:
         ax.legend(fontsize=8)
-    for ax, df, lab in zip(axes[1:], frames, labels):
+    for ax, df, lab in zip(axes[1:1 + n], frames, labels):
         ends = []
         for i, (key, run_path, tps) in enumerate(zip(df["key"], df["path"], df["tokens_per_step"])):
             steps, losses = loss_curve(run_path)
             if not steps or not _ok(tps) or tps <= 0:
                 continue  # without tokens per step there is no honest x position
             # the loss of step s is measured on its batch: (s + 1) batches seen; markers of equal curves interleave
-            # neighbours (likeliest to be equal) differ in width and hollow marker size: nested outlines show
-            wide = (3 - i % 4) / 3
-            ax.plot([(s + 1) * tps for s in steps], losses, label=key, color=colour[key], linewidth=1 + 1.5 * wide,
-                    linestyle=STYLES[i % len(STYLES)], marker=MARKERS[i % len(MARKERS)], markersize=4 + 5 * wide,
-                    fillstyle="none", markevery=(0.06 * i / len(df), 0.06))
+            ax.plot([(s + 1) * tps for s in steps], losses, label=key, color=colour[key], **_style(i, len(df)))
             ends.append((max(steps) + 1) * tps)
-        log_x = bool(ends) and max(ends) > 8 * min(ends)  # grad-accum sees 32x the tokens: linear hides the rest
-        ax.set_xscale("log" if log_x else "linear")
-        ax.xaxis.set_major_locator(LogLocator() if log_x else MaxNLocator(integer=True))
-        ax.xaxis.set_major_formatter(FuncFormatter(_tokens))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("tokens seen (steps done x tokens per step" + (", log scale)" if log_x else ")"))
+        _tokens_axis(ax, ends)
         ax.set_ylabel("train loss")
         ax.set_title(f"Training loss per stage: {lab}")
         if ax.lines:
             ax.legend(fontsize=8, ncol=2 if len(ax.lines) <= 12 else 3)
+    names = list(dict.fromkeys(label for series in evals.values() for label, *_ in series))
+    run_colour = {k: colour[k] for k in names} if n == 1 else dict(zip(names, colors(len(names))))
+    for ax, (name, series) in zip(axes[1 + n:], evals.items()):
+        _eval_panel(ax, name, series, run_colour)
     return fig
 
 

@@ -1,15 +1,21 @@
 """The report's judgement calls, kept apart so each is one small function to read and test: when a row's
-timing is noisy, which runs may be compared, and what a stage's "adds" text must say about what really ran.
-The rules are stated in gpt2/report.py's docstring; the report's header repeats them."""
+timing is noisy, which runs may be compared, what a stage's "adds" text must say about what really ran, and
+which evaluations a run made. The rules are stated in gpt2/report.py's docstring; the report's header repeats
+them. The published figures the report shows (never mixed with measured ones) are here too, in one place."""
 
 import json
+import math
 import re
 import statistics
 from pathlib import Path
 
+import pandas as pd
+
 NOISE_IQR = 0.10  # interquartile range of the steady-state step times above 10 % of their median: noisy
 NOISE_RANGE = 1.5  # max/min of the summary above this: noisy (only where metrics.jsonl has no step times)
 GROUP_FIELDS = [("model", "model"), ("device", "device"), ("T", "seq_len"), ("world size", "world_size")]
+
+EVAL_KEYS = ("val_loss", "hellaswag_acc_norm")  # the evaluation rows of metrics.jsonl: {"step": s, key: value, ...}
 
 
 def step_times(path, n: int) -> list:
@@ -26,6 +32,62 @@ def step_times(path, n: int) -> list:
         except (ValueError, KeyError, TypeError):
             continue  # a validation line, or a partial last line of a killed run
     return times[-n:] if n > 0 else []
+
+
+def eval_curves(path) -> dict:
+    """{key: (steps, values)} for each of EVAL_KEYS found in a run's metrics.jsonl, sorted by step; a step
+    evaluated twice (a resumed run appends to the file) keeps its last value."""
+    found = {}
+    try:
+        lines = (Path(path) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            key = next((k for k in EVAL_KEYS if k in rec), None)
+            if key is not None and "loss" not in rec:
+                value = float(rec[key])
+                found.setdefault(key, {})[int(rec["step"])] = value if math.isfinite(value) else math.nan
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a partial last line of a killed run
+    return {k: tuple(zip(*sorted(v.items()))) for k, v in found.items()}
+
+
+def run_evals(path, val_loss=None, hellaswag=None) -> dict:
+    """A run's final val loss and HellaSwag acc_norm (its summary's, else its last evaluation row's), the best of
+    each (lowest loss, highest acc_norm) and how many evaluation rows its metrics.jsonl holds."""
+    curves, out = eval_curves(path), {}
+    for key, final, best in (("val_loss", val_loss, min), ("hellaswag_acc_norm", hellaswag, max)):
+        steps, values = curves.get(key, ((), ()))
+        values = [v for v in values if not math.isnan(v)]
+        final = values[-1] if final is None and values else final
+        seen = values + ([] if final is None else [float(final)])
+        out.update({key: final, f"{key}_best": best(seen) if seen else None, f"{key.split('_')[0]}_evals": len(steps)})
+    return out
+
+
+def evals_note(best_val: bool, hellaswag: bool) -> str:
+    """The report header's line on its evaluation columns and the published figures they aim at."""
+    said = [("`val loss (best)` is the lowest of the run's validations (`val loss`: its last)", best_val),
+            ("HellaSwag acc_norm is the last evaluation's (best: the highest)", hellaswag)]
+    return ("; ".join(text for text, shown in said if shown) + f"; {PUBLISHED_NAME}, not measured here: val loss "
+            f"{PUBLISHED['val_loss']} on FineWeb-Edu val, HellaSwag acc_norm {PUBLISHED['hellaswag_acc_norm']} "
+            "(build-nanogpt; see the reference figures below)")
+
+
+def device_labels(devices: list, folders: list) -> list:
+    """Each folder's device name; folders of the same device are told apart by the shortest path suffix."""
+    parts = [Path(f).resolve().parts for f in folders]
+    labels = list(devices)
+    for i, dev in enumerate(devices):
+        same = [j for j, other in enumerate(devices) if other == dev]
+        if len(same) > 1:
+            n = 1
+            while n < len(parts[i]) and len({parts[j][-n:] for j in same}) < len(same):
+                n += 1
+            labels[i] = f"{dev} ({'/'.join(parts[i][-n:])})"
+    return labels
 
 
 def spread(times: list, n: int, low, high):
@@ -71,3 +133,44 @@ def adds_ran(adds: str, tokens_per_step, grad_accum, world_size, batch_size) -> 
     if claimed and batch_size is not None and int(claimed.group(1)) != batch_size:
         ran.append(f"B={batch_size}")
     return f"(ran: {'; '.join(ran)})" if ran else ""
+
+
+# ---------------------------------------------------------------- published figures, never mixed with measured ones
+
+REFERENCE = [  # stage, seed README on H100 (ms/step), build-nanogpt video on A100 (ms/step); see DESIGN.md
+    ("baseline", "~400", "~1000"), ("tf32", "~200", "~333"), ("bf16", "~180", "~300"),
+    ("(torch.compile)", "-", "~130"), ("flash", "~88", "~96"), ("nice-vocab", "~58", "~93"),
+    ("gpt3-optim (fused AdamW)", "-", "~90"),
+]
+# GPT-2 124M (OpenAI's checkpoint) as Karpathy's build-nanogpt publishes it: val loss 3.2924 on the FineWeb-Edu
+# val shard is play.ipynb's `loss_baseline` ("OpenAI GPT-2 (124M) checkpoint val loss"); HellaSwag acc_norm
+# 0.2955 is hellaswag.py's figure for its completion-style scoring, which gpt2/hellaswag.py reproduces.
+PUBLISHED_NAME = "GPT-2 124M (published)"
+PUBLISHED = {"val_loss": 3.2924, "hellaswag_acc_norm": 0.2955}
+
+
+def md_table(header, rows, right=()) -> str:
+    """A GitHub pipe table; columns in `right` right-aligned, the others left as written (no padding)."""
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")  # tabulate does not escape a pipe in a cell
+    table = pd.DataFrame([[cell(c) for c in r] for r in rows], columns=[cell(h) for h in header])
+    return table.to_markdown(index=False, disable_numparse=True,
+                             colalign=["right" if h in right else None for h in header])
+
+
+def reference_section(evaluated=False) -> list:
+    """The report's closing section (markdown lines): the published figures, apart from the measured tables;
+    GPT-2 124M's val loss and HellaSwag only where some run evaluated."""
+    header = ["stage", "seed README, H100, ms/step (B=16, T=1024, read off screenshots)",
+              "build-nanogpt video, A100, ms/step (B=16, T=1024)"]
+    out = ["## Published reference figures (not measured here)", "",
+           "These are published figures, not measured here: the seed repository's README (H100, read off its "
+           "screenshots) and Karpathy's build-nanogpt video (A100). Compare them with the measured tables "
+           "above only as orientation.", "", md_table(header, REFERENCE), ""]
+    if evaluated:
+        quality = ["model", "val loss (FineWeb-Edu val)", "HellaSwag acc_norm"]
+        out += ["Model quality as build-nanogpt publishes it (val loss: play.ipynb; HellaSwag acc_norm: "
+                "hellaswag.py's completion-style scoring, which gpt2/hellaswag.py reproduces):", "",
+                md_table(quality, [[PUBLISHED_NAME, PUBLISHED["val_loss"], PUBLISHED["hellaswag_acc_norm"]]],
+                         right=quality[1:]), ""]
+    return out

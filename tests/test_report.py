@@ -9,17 +9,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gpt2.report import CSV_COLUMNS, build_report, load_runs, main
+from gpt2.report import CSV_COLUMNS, EVAL_COLUMNS, build_report, load_runs, main
 from gpt2.report_chart import colors, figure
+from gpt2.report_rules import PUBLISHED
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python run.py -m +stage=baseline,tf32,bf16,flash"
 
 
 def make_run(folder: Path, name: str, stage: str, tok=None, status="ok", error=None, device="NVIDIA H100 80GB HBM3",
-             job=None, steps=5, summary=True, step_ms=None, **extra) -> Path:
+             job=None, steps=5, summary=True, step_ms=None, evals=None, **extra) -> Path:
     """Write one run folder the way the training loop does: summary.json and metrics.jsonl (step_ms: per-step
-    times, else every step takes the median)."""
+    times, else every step takes the median; evals: the evaluation rows, else one final validation)."""
     run = folder / name
     run.mkdir(parents=True)
     (run / ".hydra").mkdir()
@@ -43,7 +44,8 @@ def make_run(folder: Path, name: str, stage: str, tok=None, status="ok", error=N
         for step in range(steps if tok else 2):
             f.write(json.dumps({"step": step, "loss": 11.0 - step * 0.5, "lr": 3e-4, "grad_norm": 1.0,
                                 "ms": step_ms[step] if step_ms else ms or 1.0, "tokens_per_sec": tok or 0.0}) + "\n")
-        f.write(json.dumps({"step": steps - 1, "val_loss": 6.4}) + "\n")  # a validation line has no "ms"
+        for rec in evals or [{"step": steps - 1, "val_loss": 6.4}]:  # an evaluation line has no "ms"
+            f.write(json.dumps(rec) + "\n")
     return run
 
 
@@ -370,3 +372,95 @@ def test_chart_with_many_runs_has_distinct_colours_and_plots_tokens_seen(tmp_pat
     for n in (10, 20, 21, 40):
         assert len(set(colors(n))) == n
     assert build_report([folder])["png"].read_bytes().startswith(b"\x89PNG")
+
+
+def hellaswag(step, acc_norm):
+    """A HellaSwag row as gpt2/hellaswag.py's evaluate_in_run writes it."""
+    return {"step": step, "hellaswag_acc_norm": acc_norm, "hellaswag_acc": acc_norm - 0.01, "hellaswag_n": 100}
+
+
+@pytest.fixture
+def evaluated(tmp_path) -> Path:
+    """A run that validated and ran HellaSwag every 2 steps, one that only validated (stopped early, its summary
+    without val_loss), and a speed run with one final validation. 16,384 tokens per step."""
+    folder = tmp_path / "evals"
+    make_run(folder, "0_baseline", "baseline", 100_000.0, steps=8, val_loss=5.5, hellaswag_acc_norm=0.29,
+             evals=[{"step": 1, "val_loss": 7.0}, hellaswag(1, 0.25), {"step": 3, "val_loss": 5.0},
+                    hellaswag(3, 0.31), {"step": 5, "val_loss": 5.6}, hellaswag(5, 0.27),
+                    {"step": 5, "val_loss": 5.2}, hellaswag(5, 0.28),  # resumed: step 5 evaluated again
+                    {"step": 7, "val_loss": 5.5}, hellaswag(7, 0.29)])
+    make_run(folder, "1_flash", "flash", 200_000.0, steps=8, status="interrupted",
+             evals=[{"step": 1, "val_loss": 6.9}, {"step": 3, "val_loss": 6.1}, {"step": 5, "val_loss": 6.3}])
+    make_run(folder, "2_tf32", "tf32", 150_000.0, steps=8, val_loss=6.4)
+    return folder
+
+
+def test_evaluation_columns_show_final_and_best(evaluated):
+    paths = build_report([evaluated])
+    md = squash(paths["md"].read_text())
+    assert ("| final loss | val loss | val loss (best) | HellaSwag acc_norm | HellaSwag acc_norm (best) | status |"
+            in md)
+    assert "| 6.500 | 5.500 | 5.000 | 0.2900 | 0.3100 | ok |" in line(md, "| 0 | baseline")
+    # no val_loss in its summary: the last validation is its final; it ran no HellaSwag: blank cells
+    assert "| 6.500 | 6.300 | 6.100 | | | interrupted |" in line(md, "| 1 | flash")
+    assert "| 6.500 | 6.400 | 6.400 | | | ok |" in line(md, "| 2 | tf32")
+    assert "- **evaluations:** `val loss (best)` is the lowest" in md
+    measured, reference = md.split("## Published reference figures (not measured here)")
+    assert "| GPT-2 124M (published) | 3.2924 | 0.2955 |" in reference
+    assert not any("3.2924" in ln or "0.2955" in ln for ln in measured.splitlines() if ln.startswith("|"))
+    csv = pd.read_csv(paths["csv"])
+    assert list(csv.columns) == CSV_COLUMNS + EVAL_COLUMNS
+    assert list(csv["val_loss_best"]) == [5.0, 6.1, 6.4] and list(csv["val_evals"]) == [4, 3, 1]
+    assert list(csv["hellaswag_acc_norm"].fillna(-1)) == [0.29, -1, -1]
+    assert list(csv["hellaswag_acc_norm_best"].fillna(-1)) == [0.31, -1, -1]
+    assert list(csv["hellaswag_evals"]) == [4, 0, 0]
+
+
+def test_hellaswag_alone_shows_without_a_best_val_loss(tmp_path):
+    folder = tmp_path / "evals"
+    make_run(folder, "0_baseline", "baseline", 100.0, hellaswag_acc_norm=0.26,
+             evals=[hellaswag(4, 0.26), {"step": 4, "val_loss": 6.4}])
+    md = squash(build_report([folder])["md"].read_text())
+    assert "| val loss | HellaSwag acc_norm | HellaSwag acc_norm (best) | status |" in md
+    assert "val loss (best)" not in md and "| 0.2600 | 0.2600 | ok |" in line(md, "| 0 | baseline")
+
+
+def test_no_evaluation_columns_or_panels_without_evaluations(sweep):
+    """A speed sweep validates once at its end: no best to show, no curve to draw; its report is as before."""
+    paths = build_report([sweep])
+    md = paths["md"].read_text()
+    assert "val loss (best)" not in md and "HellaSwag" not in md and "GPT-2 124M" not in md
+    assert "evaluations" not in md
+    assert list(pd.read_csv(paths["csv"]).columns) == CSV_COLUMNS
+    assert len(figure([load_runs(sweep)], ["h100"]).axes) == 2
+
+
+def png_height(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[20:24], "big")  # the IHDR chunk: width, then height
+
+
+def test_chart_has_evaluation_panels_with_published_lines(evaluated, sweep):
+    fig = figure([load_runs(evaluated)], ["h100"])
+    assert len(fig.axes) == 4  # throughput, train loss, val loss, HellaSwag
+    val, hs = fig.axes[2], fig.axes[3]
+    assert val.get_ylabel() == "val loss" and hs.get_ylabel() == "HellaSwag acc_norm"
+    labels = [ln.get_label() for ln in val.lines]
+    assert labels == ["baseline", "flash", "tf32", f"GPT-2 124M (published): {PUBLISHED['val_loss']}"]
+    assert [ln.get_label() for ln in hs.lines] == ["baseline", "GPT-2 124M (published): 0.2955"]
+    assert "published" in val.get_title() and any("not measured here" in t.get_text() for t in val.texts)
+    assert "0.2955" not in " ".join(labels) and "3.2924" not in " ".join(ln.get_label() for ln in hs.lines)
+    assert list(val.lines[-1].get_ydata()) == [3.2924, 3.2924] and list(hs.lines[-1].get_ydata()) == [0.2955] * 2
+    assert list(val.lines[0].get_xdata()) == [16384 * s for s in (2, 4, 6, 8)]  # tokens seen: (step + 1) x tokens
+    assert list(val.lines[0].get_ydata()) == [7.0, 5.0, 5.2, 5.5]  # the re-evaluated step keeps its last value
+    assert list(hs.lines[0].get_ydata()) == [0.25, 0.31, 0.28, 0.29]
+    assert val.lines[0].get_color() == fig.axes[1].lines[0].get_color()  # a run keeps its colour across panels
+    two = figure([load_runs(evaluated), load_runs(sweep)], ["a", "b"])
+    assert len(two.axes) == 5 and [ln.get_label() for ln in two.axes[4].lines][0] == "baseline (a)"
+    with_evals, without = build_report([evaluated])["png"], build_report([sweep])["png"]
+    assert png_height(with_evals) > png_height(without) + 500
+
+
+def test_report_with_evaluations_is_deterministic(evaluated):
+    first = {k: p.read_bytes() for k, p in build_report([evaluated]).items()}
+    assert {k: p.read_bytes() for k, p in build_report([evaluated]).items()} == first
+

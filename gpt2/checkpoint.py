@@ -93,7 +93,8 @@ def set_rng_state(state: dict, device: Optional[torch.device] = None) -> None:
 
 
 def save_checkpoint(path: Path, *, model, optimizer, step: int, data_state: dict, config_yaml: str,
-                    model_shape: dict, device: Optional[torch.device] = None) -> None:
+                    model_shape: dict, device: Optional[torch.device] = None,
+                    wandb_run_id: Optional[str] = None) -> None:
     """`step` is the number of optimizer steps done: the resumed run starts there."""
     state = {
         "model": model.state_dict(),
@@ -103,6 +104,7 @@ def save_checkpoint(path: Path, *, model, optimizer, step: int, data_state: dict
         "rng": rng_state(device),
         "config": config_yaml,
         "model_shape": model_shape,
+        "wandb_run_id": wandb_run_id,  # a resumed run continues this wandb run
     }
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
@@ -203,4 +205,4 @@ def resume_into(resume: str, *, model, optimizer, loader, model_shape: dict, con
     if optimizer_changes:
         log.warning(f"train.resume: the optimizer continues with this run's settings, not the checkpoint's: "
                     f"{'; '.join(optimizer_changes)}")
-    return {"resumed_from": str(path), "start_step": state["step"]}
+    return {"resumed_from": str(path), "start_step": state["step"], "resumed_wandb_id": state.get("wandb_run_id")}

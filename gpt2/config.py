@@ -131,7 +131,7 @@ class TrainConfig:
     autocast_dtype: ComputeDtype = ComputeDtype.fp32
     compile: bool = False
     timing_skip: int = 3  # first steps (allocator, autotuning, compilation) left out of ms/step
-    val_every: int = 0  # validation loss every N steps; 0 = at the end only
+    val_every: int = 250  # validation loss every N steps (build-nanogpt's cadence) and at the end; 0 = end only
     val_batches: int = 4  # micro-batches per validation
     checkpoint_every: int = 0  # 0 = none on the way; a single run (not a sweep's job) still saves its last step
     save_checkpoints: bool = True  # false: never write checkpoint.pt, not even on a signal (benchmarks)

@@ -1,6 +1,7 @@
 """Weights & Biases, optional and harmless: a logging failure warns once and never ends a run."""
 
 import logging
+from typing import Optional
 
 from omegaconf import OmegaConf
 
@@ -10,7 +11,9 @@ log = logging.getLogger("gpt2.tracking")
 
 
 class WandbRun:
-    def __init__(self, cfg, run_dir):
+    """One wandb run per training run; a resumed run continues the wandb run it resumes (`resume_id`)."""
+
+    def __init__(self, cfg, run_dir, resume_id: Optional[str] = None):
         self.run = None
         mode = option_str(cfg.logger.wandb.mode)
         if mode == "disabled":
@@ -19,10 +22,15 @@ class WandbRun:
             import wandb
 
             w = cfg.logger.wandb
+            resume = {"id": resume_id, "resume": "allow"} if resume_id else {}
             self.run = wandb.init(mode=mode, project=w.project, entity=w.entity, name=w.name or cfg.stage.name,
-                                  dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True))
+                                  dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), **resume)
         except Exception as e:  # no network, no login, a broken install: the run matters more
             self._disable("start", e)
+
+    @property
+    def id(self) -> Optional[str]:
+        return getattr(self.run, "id", None) if self.run is not None else None
 
     def _disable(self, what: str, error: Exception) -> None:
         log.warning(f"wandb: could not {what} ({type(error).__name__}: {error}); continuing without it")

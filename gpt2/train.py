@@ -187,7 +187,8 @@ class Run:
         if self.ranks.is_main:
             checkpoint.save_checkpoint(self.run_dir / checkpoint.CHECKPOINT_NAME, model=self.raw_model,
                                        optimizer=self.optimizer, step=step, data_state=self.train_loader.state_dict(),
-                                       config_yaml=self.config_yaml, model_shape=self.model_shape, device=self.device)
+                                       config_yaml=self.config_yaml, model_shape=self.model_shape, device=self.device,
+                                       wandb_run_id=self.tracker.id if self.tracker else None)
         self.saved_step = step
 
     def validate(self, step: int) -> Optional[float]:
@@ -197,6 +198,7 @@ class Run:
         if self.step_log and val is not None:
             log.info(f"step {step:5d} | val loss {val:.6f}")
             self.step_log.append({"step": step, "val_loss": val})
+            self.tracker.log({"step": step, "val_loss": val})
         if val is None and self.val_note is None:  # said once, in the log and in summary.json
             self.val_note = (f"no validation: the held-out split ({len(self.val_tokens):,} tokens, "
                              f"data.val_fraction={self.cfg.data.val_fraction}) is shorter than one sequence of "
@@ -271,7 +273,8 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
     peak, peak_source = metrics.peak_tflops(device, dtype)
     if ranks.is_main:
         run.step_log = metrics.StepLog(run_dir, log, raw_model.flops_per_token(T), peak)
-        run.tracker = WandbRun(cfg, run_dir)
+        run.tracker = WandbRun(cfg, run_dir, resume_id=summary.get("resumed_wandb_id"))
+        summary["wandb_run_id"] = run.tracker.id  # a run that resumes this one continues its wandb run
     summary.update(compute_dtype=dtype, mfu_peak_tflops=peak, mfu_peak_source=peak_source,
                    params=raw_model.num_params(non_embedding=False))
     if value(cfg.optim.schedule) == "cosine" and 0 < cfg.train.steps <= cfg.optim.warmup_steps and ranks.is_main:
@@ -409,7 +412,9 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                 say_how_long(run, record["ms"], cfg.train.steps - steps_done)
             if run.step_log:
                 run.step_log.step(record, run.ranks.world_size)
-                run.tracker.log(record)
+                run.tracker.log({**record, "mfu": metrics.mfu(run.raw_model.flops_per_token(run.seq_len),
+                                                              record["tokens_per_sec"], run.ranks.world_size,
+                                                              summary["mfu_peak_tflops"])})
             if cfg.train.val_every and steps_done % cfg.train.val_every == 0 and steps_done < cfg.train.steps:
                 val_loss = run.validate(step)
             if cfg.train.hellaswag_every and (steps_done % cfg.train.hellaswag_every == 0

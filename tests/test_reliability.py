@@ -126,7 +126,7 @@ def test_checkpoint_every_n_steps_and_at_the_end(tmp_path, run, monkeypatch, ste
     assert summary["status"] == "ok"
     assert saved == saved_at  # every 2 steps, then the end; never the same step twice
     state = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-    assert set(state) == {"model", "optimizer", "step", "data", "rng", "config", "model_shape"}
+    assert set(state) == {"model", "optimizer", "step", "data", "rng", "config", "model_shape", "wandb_run_id"}
     assert state["step"] == steps and state["data"] == {"next_chunk": steps}
     assert isinstance(state["rng"]["torch"], torch.Tensor)
     assert "checkpoint_every: 2" in state["config"] and "name: tiny" in state["config"]  # the resolved config

@@ -196,3 +196,33 @@ def test_no_validation_is_said_once(tmp_path, shakespeare_path, caplog):
     assert s["status"] == "ok" and s["val_loss"] is None
     assert s["val_note"].startswith("no validation: the held-out split (0 tokens, data.val_fraction=0.0)")
     assert sum("no validation:" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_wandb_gets_validation_and_mfu_and_a_resumed_run_continues_its_wandb_run(tmp_path, shakespeare_path,
+                                                                                    monkeypatch):
+    import wandb
+
+    inits, logged = [], []
+
+    class FakeRun:
+        summary = {}
+
+        def __init__(self, **kwargs):
+            inits.append(kwargs)
+            self.id = kwargs.get("id") or f"run{len(inits)}"
+
+        def log(self, data, step):
+            logged.append((step, data))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun(**kwargs))
+    common = ["logger.wandb.mode=offline", "train.batch_size=2", "train.seq_len=32"]
+    first, first_dir = run_train(tmp_path, shakespeare_path, *common, "train.steps=2", name="first")
+    assert first["wandb_run_id"] == "run1" and "id" not in inits[0]
+    assert [s for s, d in logged if "val_loss" in d] == [1]  # the final validation
+    assert all(0 < d["mfu"] < 1 for _, d in logged if "loss" in d)
+    second, _ = run_train(tmp_path, shakespeare_path, *common, "train.steps=3", f"train.resume={first_dir}",
+                          name="second")
+    assert inits[1]["id"] == "run1" and inits[1]["resume"] == "allow" and second["wandb_run_id"] == "run1"

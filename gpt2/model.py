@@ -7,7 +7,7 @@ Hugging Face checkpoint (transformer.wte, transformer.h.0.attn.c_attn, ...) so w
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 

@@ -6,15 +6,11 @@ how far it got; the entrypoint writes it.
 """
 
 import contextlib
-import gc
 import inspect
 import logging
 import math
-import os
-import shutil
 import signal
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +25,7 @@ from .data import TokenLoader, build_data
 from .config import option_str as value
 from .errors import UsageError
 from .checks import check_config, check_sizes
+from .devices import check_compiler, configure_torch, resolve_device
 from .model import GPT
 from .optim import build_optimizer, describe_optimizer, grad_norm_and_clip, lr_at, set_lr
 from .tracking import WandbRun
@@ -37,44 +34,6 @@ log = logging.getLogger("gpt2.train")
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
-
-def resolve_device(requested: str, ranks: distributed.Ranks) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("train.device=cuda, but torch sees no CUDA device: use train.device=cpu "
-                             "(or auto), or install a CUDA build of torch on a machine with a GPU")
-        if ranks.local_rank >= torch.cuda.device_count():
-            raise UsageError(f"local rank {ranks.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
-                             "lower torchrun's --nproc_per_node to the number of GPUs")
-        device = torch.device("cuda", ranks.local_rank)
-        torch.cuda.set_device(device)
-        return device
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("train.device=mps, but this torch has no MPS device: use train.device=cpu or auto")
-    return torch.device(requested)
-
-
-def configure_torch(cfg, device: torch.device) -> None:
-    """Set every global flag this run depends on: a multirun's earlier job must leave nothing behind."""
-    # native bf16 needs compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also counts emulation
-    if value(cfg.train.autocast_dtype) == "bf16" and device.type == "cuda" \
-            and torch.cuda.get_device_capability(device)[0] < 8:
-        raise UsageError(f"train.autocast_dtype=bf16, but {torch.cuda.get_device_name(device)} has no bf16 "
-                         "support: use train.autocast_dtype=fp32 (stages before bf16), or a newer GPU")
-    dynamo = sys.modules.get("torch._dynamo")  # torch.compile imports it; importing it here would cost ~1 s
-    if dynamo is not None:
-        dynamo.reset()  # compiled graphs and guards of the previous job
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    precision = value(cfg.train.matmul_precision)
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cudnn.allow_tf32 = precision != "highest"
-    torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
-    metrics.reset_peak_memory(device)
-
 
 def build_model(cfg, gpt_config, device: torch.device, world_size: int = 1) -> GPT:
     if cfg.model.init_from == "scratch":
@@ -206,21 +165,6 @@ class Run:
             if self.ranks.is_main:
                 log.warning(self.val_note)
         return val
-
-
-def check_compiler(device: torch.device) -> None:
-    """torch.compile writes C (Triton's launcher on CUDA) or C++ (Inductor's CPU kernels) and builds it with
-    the machine's compiler against Python's headers; without them it fails deep inside Triton or Inductor."""
-    needed = "C compiler (cc, gcc or clang)" if device.type == "cuda" else "C++ compiler (g++ or clang++)"
-    names = ("cc", "gcc", "clang") if device.type == "cuda" else ("c++", "g++", "clang++")
-    env_var = "CC" if device.type == "cuda" else "CXX"
-    if not (os.environ.get(env_var) or any(shutil.which(n) for n in names)):
-        raise UsageError(f"train.compile=true needs a {needed} on this machine, and none was found: install one "
-                         f"(e.g. apt install build-essential) or run a stage without torch.compile (train.compile=false)")
-    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    if not headers.is_file():
-        raise UsageError(f"train.compile=true needs Python's C headers ({headers} is missing): install them (e.g. "
-                         "apt install python3-dev) or run a stage without torch.compile (train.compile=false)")
 
 
 def set_up(cfg, run_dir: Path, summary: dict) -> Run:

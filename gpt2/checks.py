@@ -40,7 +40,8 @@ def check_numbers(cfg) -> None:
                  (" (a clip of 0 would zero every gradient; leave it null for no clipping)" if key == "optim.grad_clip"
                   else ""))
     not_negative = {"train.steps": t.steps, "train.timing_skip": t.timing_skip, "train.val_every": t.val_every,
-                    "train.checkpoint_every": t.checkpoint_every, "optim.warmup_steps": o.warmup_steps}
+                    "train.checkpoint_every": t.checkpoint_every, "optim.warmup_steps": o.warmup_steps,
+                    "train.sample_every": t.sample_every}
     for key, v in not_negative.items():
         _require(v is None or v >= 0, f"{key}={v} must not be negative")
     _require(math.isfinite(o.lr) and o.lr > 0, f"optim.lr={o.lr} must be a positive number (GPT-2 124M: 6e-4)")

@@ -137,6 +137,8 @@ class TrainConfig:
     save_checkpoints: bool = True  # false: never write checkpoint.pt, not even on a signal (benchmarks)
     resume: Optional[str] = None  # a checkpoint file or a run folder to continue
     ddp_backend: DDPBackend = DDPBackend.auto
+    sample_every: int = 0  # text samples every N steps from the main process (build-nanogpt: 250); 0 = never
+    sample_prompt: str = "Hello, I'm a language model,"  # the prompt they continue (4 samples, 32 tokens, top-k 50)
     hellaswag_every: int = 0  # HellaSwag acc_norm every N steps and at the end (gpt2/hellaswag.py); 0 = never
     hellaswag_limit: Optional[int] = None  # the first N validation rows; null = all 10,042
     hellaswag_data: Optional[str] = None  # a local hellaswag_val.jsonl; null = download it once into the cache

@@ -150,6 +150,27 @@ class Run:
                                        wandb_run_id=self.tracker.id if self.tracker else None)
         self.saved_step = step
 
+    @torch.no_grad()
+    def sample(self, step: int, count: int = 4, tokens: int = 32) -> list:
+        """build-nanogpt's samples during training: `count` continuations of the prompt, top-k 50, from a
+        generator of their own (the run's random numbers stay as they were), on the plain module."""
+        from .tokenizer import decode, encode
+
+        prompt = torch.tensor([encode(self.cfg.train.sample_prompt)] * count, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(42 + self.ranks.rank)
+        self.raw_model.eval()
+        try:
+            with self.autocast():
+                out = self.raw_model.generate(prompt, tokens, top_k=50, generator=generator)
+        finally:
+            self.raw_model.train()
+        texts = [decode(row.tolist()) for row in out]
+        for i, text in enumerate(texts):
+            log.info(f"step {step:5d} | sample {i}: {text!r}")
+        if self.step_log:
+            self.step_log.append({"step": step, "samples": texts})
+        return texts
+
     def validate(self, step: int) -> Optional[float]:
         t = self.cfg.train
         val = evaluate(self.raw_model, self.val_tokens, self.batch_size, self.seq_len, t.val_batches, self.autocast,
@@ -361,6 +382,8 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                                                               summary["mfu_peak_tflops"])})
             if cfg.train.val_every and steps_done % cfg.train.val_every == 0 and steps_done < cfg.train.steps:
                 val_loss = run.validate(step)
+            if cfg.train.sample_every and steps_done % cfg.train.sample_every == 0 and run.ranks.is_main:
+                run.sample(step)
             if cfg.train.hellaswag_every and (steps_done % cfg.train.hellaswag_every == 0
                                               or steps_done == cfg.train.steps):
                 from .hellaswag import evaluate_in_run  # HellaSwag acc_norm on the plain module, rows shared by ranks
@@ -372,6 +395,9 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                 break
         stopping = status == "interrupted"
         if status == "ok":
+            if run.ranks.is_main and run.device.type != "cuda" and run.raw_model.num_params() > 20e6:
+                log.info(f"validating on {cfg.train.val_batches} held-out batches of {run.batch_size}x{run.seq_len} "
+                         f"(minutes on a {run.device.type} at this size)")
             # still under StopFlag: a signal now lets the validation finish, then saves below
             val_loss = run.validate(max(steps_done - 1, 0))
             # a single run keeps its final model (for gpt2.sample, gpt2.evaluate, fine-tuning); the jobs of a

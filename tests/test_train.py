@@ -1,5 +1,7 @@
 """The training loop in-process on a tiny model: gradient accumulation, schedule, weight decay, summaries."""
 
+import json
+import logging
 import math
 
 import pytest
@@ -181,6 +183,7 @@ def test_compile_without_a_compiler_is_one_line(monkeypatch, device):
 def test_a_long_run_says_how_long_after_its_first_step(tmp_path, shakespeare_path, monkeypatch, caplog):
     import gpt2.train as train_module
 
+    caplog.set_level(logging.INFO, logger="gpt2")
     monkeypatch.setattr(train_module, "LONG_RUN_S", 0.0)  # every run counts as long here
     monkeypatch.setattr(GPT, "num_params", lambda self, non_embedding=True: 124_000_000)  # as GPT-2 124M
     s, _ = run_train(tmp_path, shakespeare_path, "train.steps=3", "train.batch_size=2", "train.seq_len=32")
@@ -188,6 +191,7 @@ def test_a_long_run_says_how_long_after_its_first_step(tmp_path, shakespeare_pat
     said = [r.getMessage() for r in caplog.records if "steps left take about" in r.getMessage()]
     assert len(said) == 1 and "the 2 steps left" in said[0] and "on cpu" in said[0]
     assert "python run.py +stage=baseline model=tiny train.device=cpu train.steps=20" in said[0]
+    assert any("validating on 1 held-out batches of 2x32" in r.getMessage() for r in caplog.records)
 
 
 def test_no_validation_is_said_once(tmp_path, shakespeare_path, caplog):
@@ -226,3 +230,17 @@ def test_wandb_gets_validation_and_mfu_and_a_resumed_run_continues_its_wandb_run
     second, _ = run_train(tmp_path, shakespeare_path, *common, "train.steps=3", f"train.resume={first_dir}",
                           name="second")
     assert inits[1]["id"] == "run1" and inits[1]["resume"] == "allow" and second["wandb_run_id"] == "run1"
+
+
+def test_samples_during_training_leave_the_run_unchanged(tmp_path, shakespeare_path):
+    # build-nanogpt prints samples every 250 steps; drawing them must not move the run's own random numbers
+    common = ["train.steps=2", "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=2"]
+    plain, plain_dir = run_train(tmp_path, shakespeare_path, *common, name="plain")
+    sampled, sampled_dir = run_train(tmp_path, shakespeare_path, *common, "train.sample_every=1", name="sampled")
+    rows = [json.loads(line) for line in (sampled_dir / "metrics.jsonl").read_text().splitlines()]
+    samples = [r for r in rows if "samples" in r]
+    assert [r["step"] for r in samples] == [0, 1] and all(len(r["samples"]) == 4 for r in samples)
+    assert all(text.startswith("Hello, I'm a language model,") for text in samples[0]["samples"])
+    assert sampled["final_loss"] == plain["final_loss"]
+    for key, value in saved_weights(plain_dir).items():
+        torch.testing.assert_close(saved_weights(sampled_dir)[key], value, rtol=0, atol=0)

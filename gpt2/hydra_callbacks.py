@@ -8,6 +8,7 @@ from hydra.experimental.callback import Callback
 
 from . import distributed
 from .errors import UsageError
+from . import job
 from .job import claim_folder
 
 log = logging.getLogger("gpt2.sweep")
@@ -37,6 +38,14 @@ class SpeedrunCallbacks(Callback):
             return
         from .report import build_report  # pandas and matplotlib load only when a sweep ends
 
+        # this runs in the submitting process once every job has returned (Hydra's basic launcher ran them
+        # here; a launcher plugin such as submitit waits for its jobs before it returns): the jobs' own
+        # summary.json files say which failed, so that run.py exits non-zero under any launcher
+        try:
+            job.count_failures_in(Path(config.hydra.sweep.dir))
+        except OSError as e:  # the sweep folder cannot be read: the sweep cannot be called a success
+            log.error(f"could not read the jobs' summaries back: {e}")
+            job._failures.append(("sweep", "incomplete", 1))
         try:
             paths = build_report([Path(config.hydra.sweep.dir)])
             log.info(f"report: {paths['md']}")

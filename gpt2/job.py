@@ -33,6 +33,7 @@ from .errors import UsageError
 log = logging.getLogger("gpt2.job")
 
 _failures = []  # (stage, status, exit code) of this process's jobs that did not end ok
+_failed_dirs = set()  # their run folders, so that reading a sweep's summaries back counts each job once
 _sweep_interrupted = False  # after a Ctrl-C the rest of a sweep is skipped, but the report is still written
 
 register_configs()
@@ -138,9 +139,20 @@ def new_summary(cfg, hydra_cfg) -> dict:
         "peak_mem_gib": None, "resumed_from": None, "start_step": 0,
         "job_num": hydra_cfg.job.num if multirun else None,
         "command": command_line(), "overrides": list(hydra_cfg.overrides.task),
-        "started_at": now_utc(), "finished_at": None,
+        "started_at": now_utc(), "finished_at": None, "exit_code": None,
+        # where it ran, so that the report can tell runs that shared a machine's device at the same time
+        "host": socket.gethostname(), "gpus": visible_gpus(),
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
     }
+
+
+def visible_gpus():
+    """The GPUs this job was given, as the scheduler names them (SLURM's physical ids; else
+    CUDA_VISIBLE_DEVICES), or None when nothing says (all of the host's devices are visible)."""
+    for var in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
 
 
 def _log_traceback_to_file(message: str) -> None:
@@ -204,6 +216,7 @@ def run_job(cfg, train_fn) -> dict:
         _log_traceback_to_file(f"{summary['stage']} failed")
     finally:
         summary["finished_at"] = now_utc()
+        summary["exit_code"] = 0 if summary["status"] == "ok" else code
         if ranks.is_main:
             _save_summary(run_dir, summary)
         distributed.destroy_process_group()
@@ -211,7 +224,26 @@ def run_job(cfg, train_fn) -> dict:
         _sweep_interrupted = True
     if summary["status"] != "ok":
         _failures.append((summary["stage"], summary["status"], code))
+        _failed_dirs.add(run_dir.resolve())
     return summary
+
+
+def count_failures_in(sweep_dir: Path) -> None:
+    """Add the failed jobs of a sweep to this process's count, from their summary.json files: under a launcher
+    plugin (submitit) the jobs ran in other processes, so only their files say how they ended. A job folder
+    without a summary, or one still "running", was killed: a failure too. Jobs of this process count once."""
+    for job_dir in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and re.match(r"^\d+_", p.name)):
+        if job_dir.resolve() in _failed_dirs:
+            continue
+        try:
+            summary = json.loads((job_dir / "summary.json").read_text())
+            stage, status, code = summary.get("stage"), summary.get("status"), summary.get("exit_code")
+        except (OSError, ValueError, AttributeError):
+            stage, status, code = job_dir.name, "incomplete", 1
+        if status == "ok":
+            continue
+        _failures.append((stage, status if status != "running" else "incomplete", code if code in (1, 2) else 1))
+        _failed_dirs.add(job_dir.resolve())
 
 
 def exit_code() -> int:

@@ -51,14 +51,15 @@ FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_ve
           "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps", "steps_measured",
           "ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",
           "mfu_peak_source", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib",
-          "peak_mem_kind", "final_loss", "val_loss", "started_at", "finished_at", "command"]
+          "peak_mem_kind", "final_loss", "val_loss", "started_at", "finished_at", "command", "host", "gpus"]
 INTEGER = ["job", "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps",
            "steps_measured"]
 NUMERIC = INTEGER + ["ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu",
                      "mfu_peak_tflops", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib", "final_loss",
                      "val_loss"]
 SPEEDUPS = ["speedup_vs_baseline", "speedup_vs_prev", "baseline_stage", "prev_stage"]
-CSV_COLUMNS = ["folder", "device_label", "run_dir", "job"] + FIELDS + SPEEDUPS + ["group", "ms_iqr_rel", "noisy"]
+CSV_COLUMNS = ["folder", "device_label", "run_dir", "job"] + FIELDS + SPEEDUPS + ["group", "ms_iqr_rel", "noisy",
+                                                                     "overlapped_with"]
 # appended to report.csv only when a run evaluated during training (as the table's columns), so the speed
 # sweeps' files stay as they were; val_loss (final) is in FIELDS
 EVAL_HEADER = ["val loss (best)", "HellaSwag acc_norm", "HellaSwag acc_norm (best)"]
@@ -119,7 +120,18 @@ def load_runs(folder) -> pd.DataFrame:
     noise = [_noise(r) for _, r in df.iterrows()]
     df["ms_iqr_rel"] = pd.array([rel for rel, _ in noise], dtype="Float64").astype(float)
     df["noisy"] = pd.array([flag for _, flag in noise], dtype="boolean")
-    return _add_speedups(_add_groups(df))
+    return _add_overlaps(_add_speedups(_add_groups(df)))
+
+
+def _add_overlaps(df: pd.DataFrame) -> pd.DataFrame:
+    """`overlapped_with`: for a timed row, the rows that ran at the same time on its host and device ("; "-joined
+    keys), whose load disturbed its timing (a launcher plugin that runs the stages in parallel), else ""."""
+    facts = [tuple(None if _missing(r[c]) else str(r[c]) for c in ("host", "device", "gpus", "started_at",
+                                                                   "finished_at")) for _, r in df.iterrows()]
+    found = rules.overlaps(facts)
+    keys = list(df["key"])
+    return df.assign(overlapped_with=["; ".join(keys[j] for j in js) if js and _measured(r) else ""
+                                      for js, (_, r) in zip(found, df.iterrows())])
 
 
 def _add_evals(df: pd.DataFrame) -> pd.DataFrame:
@@ -246,13 +258,14 @@ def _noise_cell(r) -> str:
 
 
 def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, show_reserved: bool,
-           evals=(False, False)) -> str:
+           evals=(False, False), show_overlap=False) -> str:
     best_val, hellaswag = evals
     header = (["job", "stage", "adds"] + [label for label, _ in varying] +
               ["tokens/step", "ms/step (min-max)", "step IQR %", "tok/s", "vs baseline", "vs previous", mfu_label,
                "peak mem GiB"] + (["peak reserved GiB"] if show_reserved else []) +
               ["final loss", "val loss"] + EVAL_HEADER[:best_val] + EVAL_HEADER[1:1 + 2 * hellaswag] +
-              ["status"] + (["error"] if show_error else []))
+              ["status"] + (["error"] if show_error else []) + (["timing not comparable: ran alongside"]
+                                                                if show_overlap else []))
     rows, mixed_mfu = [], mfu_label == "MFU %"
     for i, (_, r) in enumerate(df.iterrows()):
         prev = _ratio(r["speedup_vs_prev"])
@@ -269,7 +282,8 @@ def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, sh
                     + [_fmt(r["val_loss_best"], "{:.3f}")][:best_val]
                     + [_fmt(r[c], "{:.4f}") for c in ("hellaswag_acc_norm", "hellaswag_acc_norm_best")][:2 * hellaswag]
                     + [r["status"]]
-                    + ([_short_error(r["error"])] if show_error else []))
+                    + ([_short_error(r["error"])] if show_error else [])
+                    + ([r["overlapped_with"]] if show_overlap else []))
     right = {"job", "tokens/step", "step IQR %", "tok/s", "vs baseline", mfu_label, "peak mem GiB",
              "peak reserved GiB", "final loss", "val loss", *EVAL_HEADER}
     right |= {label for label, col in varying if col in NUMERIC}
@@ -305,6 +319,13 @@ def _section(df: pd.DataFrame, title: str) -> list:
                f"vs-baseline figure) are not to be trusted: rerun on an idle machine. Flagged: "
                + (f"{len(flagged)} of {timed} timed rows ({', '.join(flagged)})" if flagged else
                   f"none of {timed} timed rows"))
+    overlapped = [r.key for r in df.itertuples() if r.overlapped_with]
+    if overlapped:
+        out.append(f"- **overlap:** {len(overlapped)} timed row(s) ({', '.join(overlapped)}) ran at the same time as "
+                   "other jobs of this folder on the same host and device (column `timing not comparable`): their "
+                   "ms/step, tok/s, MFU and speed-ups are not comparable with each other or with runs made alone. "
+                   "Rerun one job at a time (the default launcher), or give each job its own GPU "
+                   "(hydra/launcher=slurm_gpu)")
     has_mfu = df["mfu"].notna()
     sources = set(df.loc[has_mfu, "mfu_peak_source"].dropna())
     mfu_label = "MFU % (measured peak)" if sources == {"measured"} else "MFU %"
@@ -326,7 +347,7 @@ def _section(df: pd.DataFrame, title: str) -> list:
     show_reserved = bool(df["peak_mem_reserved_gib"].notna().any())
     for g in groups:
         out += ([""] if len(groups) == 1 else ["", f"### {g}", ""]) + [
-            _table(df[df["group"] == g], varying, mfu_label, show_error, show_reserved, evals)]
+            _table(df[df["group"] == g], varying, mfu_label, show_error, show_reserved, evals, bool(overlapped))]
     return out + [""]
 
 

@@ -174,3 +174,37 @@ def reference_section(evaluated=False) -> list:
                 md_table(quality, [[PUBLISHED_NAME, PUBLISHED["val_loss"], PUBLISHED["hellaswag_acc_norm"]]],
                          right=quality[1:]), ""]
     return out
+
+
+def _interval(start, end):
+    try:
+        a, b = pd.Timestamp(start), pd.Timestamp(end)
+    except (TypeError, ValueError):
+        return None
+    return None if pd.isna(a) or pd.isna(b) else (a, b)
+
+
+def overlaps(facts: list) -> list:
+    """For each run, the indices of the other runs that ran at the same time on the same host and device.
+
+    facts: one (host, device, gpus, started_at, finished_at) per run, None where unknown. Two runs share a
+    device when their hosts are equal, their devices agree (or one is unknown: it failed before it chose one),
+    and their GPU lists (SLURM's or CUDA_VISIBLE_DEVICES) share an id, or either is unknown (then every GPU of
+    the host was visible). They overlap when each started before the other finished; the times are whole
+    seconds, so runs that merely follow each other within one second do not count. A run without a host or
+    without both times (summaries from before the host was recorded, a killed run) is never flagged."""
+    spans = [_interval(f[3], f[4]) if f[0] else None for f in facts]
+    out = []
+    for i, (host, device, gpus, *_) in enumerate(facts):
+        found = []
+        for j, (host2, device2, gpus2, *_) in enumerate(facts):
+            if j == i or spans[i] is None or spans[j] is None or host != host2:
+                continue
+            if device and device2 and device != device2:
+                continue
+            if gpus and gpus2 and not set(str(gpus).split(",")) & set(str(gpus2).split(",")):
+                continue
+            if spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]:
+                found.append(j)
+        out.append(found)
+    return out

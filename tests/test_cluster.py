@@ -1,0 +1,115 @@
+"""Sweeps through Hydra's submitit launcher plugin (pip install -e ".[cluster]"), on this machine with
+hydra/launcher=local_cpu (submitit's local executor: each job a subprocess, all at once, no GPU), and the
+report's rule for runs whose timings overlapped on one host and device."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from gpt2 import report_rules as rules
+from gpt2.report import build_report
+from test_sweep import data_args, run_py, summaries
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                    reason="hydra-submitit-launcher is not installed: pip install -e '.[cluster]'")
+
+TINY = ["model=tiny", "train.device=cpu", "train.steps=2", "train.batch_size=2", "train.seq_len=32",
+        "train.timing_skip=1", "train.val_batches=1"]
+
+
+def test_local_launcher_sweep_writes_every_job_and_one_report(tmp_path, shakespeare_path):
+    result = run_py("-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY,
+                    *data_args(tmp_path, shakespeare_path), f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = summaries(tmp_path / "sweep")
+    assert list(runs) == ["0_baseline", "1_flash"]
+    assert all(s["status"] == "ok" and s["steps"] == 2 and s["exit_code"] == 0 and s["host"] for s in runs.values())
+    table = pd.read_csv(tmp_path / "sweep" / "report.csv", keep_default_na=False)
+    assert list(table["stage"]) == ["baseline", "flash"] and list(table["status"]) == ["ok", "ok"]
+    # submitit_local runs both jobs at once on this CPU: where their run times overlapped, the report says so
+    started = sorted(s["started_at"] for s in runs.values())
+    finished = sorted(s["finished_at"] for s in runs.values())
+    if started[1] < finished[0]:
+        assert set(table["overlapped_with"]) == {"baseline", "flash"}
+        assert "timing not comparable" in (tmp_path / "sweep" / "report.md").read_text()
+    # a used sweep folder is refused, as with the basic launcher
+    again = run_py("-m", "+stage=baseline", "hydra/launcher=local_cpu", *TINY, *data_args(tmp_path, shakespeare_path),
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=120)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_failed_job_under_a_launcher_plugin_fails_the_sweep(tmp_path, shakespeare_path):
+    # the jobs run in other processes: the submitting one learns of the failure from tf32's summary.json
+    result = run_py("-m", "+stage=baseline,tf32", "hydra/launcher=local_cpu", *TINY,
+                    *data_args(tmp_path, shakespeare_path), "+sweep.stage_overrides.tf32=['train.total_batch_size=1000']",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]  # bad input alone: 2
+    runs = summaries(tmp_path / "sweep")
+    assert runs["0_baseline"]["status"] == "ok"
+    assert runs["1_tf32"]["status"] == "failed" and runs["1_tf32"]["exit_code"] == 2
+    table = pd.read_csv(tmp_path / "sweep" / "report.csv")
+    assert list(table["status"]) == ["ok", "failed"]
+
+
+def test_a_job_killed_without_a_summary_counts_as_failed(tmp_path):
+    from gpt2 import job
+    sweep = tmp_path / "sweep"
+    (sweep / "0_baseline").mkdir(parents=True)
+    (sweep / "0_baseline" / "summary.json").write_text(json.dumps({"stage": "baseline", "status": "ok"}))
+    (sweep / "1_flash").mkdir()
+    (sweep / "1_flash" / "summary.json").write_text(json.dumps({"stage": "flash", "status": "running"}))
+    (sweep / ".submitit").mkdir()
+    before = list(job._failures)
+    try:
+        job._failures.clear()
+        job.count_failures_in(sweep)
+        job.count_failures_in(sweep)  # counted once
+        assert job._failures == [("flash", "incomplete", 1)] and job.exit_code() == 1
+    finally:
+        job._failures[:] = before
+        job._failed_dirs.discard((sweep / "1_flash").resolve())
+
+
+def _summary(stage, start, end, host="node1", device="NVIDIA H100 80GB HBM3", gpus=None, status="ok"):
+    return {"stage": stage, "status": status, "device": device, "device_type": "cuda", "model": "gpt2",
+            "seq_len": 1024, "world_size": 1, "batch_size": 16, "steps": 10, "steps_measured": 5,
+            "tokens_per_step": 16384, "ms_per_step": 100.0, "tokens_per_sec": 163840.0, "host": host, "gpus": gpus,
+            "started_at": f"2026-01-01T10:{start:02d}:00+00:00", "finished_at": f"2026-01-01T10:{end:02d}:00+00:00"}
+
+
+@pytest.mark.parametrize("b, overlapping", [
+    (dict(start=5, end=15), True),                     # same host and device, at the same time
+    (dict(start=10, end=20), False),                   # started as the other finished
+    (dict(start=5, end=15, host="node2"), False),      # another machine
+    (dict(start=5, end=15, gpus="1"), False),          # the scheduler gave each its own GPU
+    (dict(start=5, end=15, gpus="0"), True),           # ... or the same one
+    (dict(start=5, end=15, device="cpu"), False),      # another device
+    (dict(start=5, end=15, host=None), False),         # an old summary without a host: cannot tell
+])
+def test_overlap_rule(b, overlapping):
+    a = ("node1", "NVIDIA H100 80GB HBM3", "0", "2026-01-01T10:00:00+00:00", "2026-01-01T10:10:00+00:00")
+    b = {**dict(host="node1", device="NVIDIA H100 80GB HBM3", gpus="0"), **b}
+    fb = (b["host"], b["device"], b["gpus"], f"2026-01-01T10:{b['start']:02d}:00+00:00",
+          f"2026-01-01T10:{b['end']:02d}:00+00:00")
+    assert rules.overlaps([a, fb]) == ([[1], [0]] if overlapping else [[], []])
+
+
+def test_report_marks_overlapping_rows(tmp_path):
+    for i, s in enumerate([_summary("baseline", 0, 10), _summary("flash", 5, 15), _summary("compile", 20, 30),
+                           _summary("bf16", 5, 6, status="failed")]):
+        (tmp_path / f"{i}_{s['stage']}").mkdir()
+        (tmp_path / f"{i}_{s['stage']}" / "summary.json").write_text(json.dumps(s))
+    paths = build_report([tmp_path])
+    table = pd.read_csv(paths["csv"], keep_default_na=False)
+    assert list(table["overlapped_with"]) == ["flash; bf16", "baseline; bf16", "", ""]
+    md = paths["md"].read_text()
+    assert "- **overlap:** 2 timed row(s) (baseline, flash)" in md
+    assert "| flash; bf16 |" in md and "| baseline; bf16 |" in md and "timing not comparable: ran alongside" in md
+    # runs made one at a time: no column, no note
+    clean = tmp_path / "clean"
+    for i, s in enumerate([_summary("baseline", 0, 10), _summary("flash", 10, 20)]):
+        (clean / f"{i}_{s['stage']}").mkdir(parents=True)
+        (clean / f"{i}_{s['stage']}" / "summary.json").write_text(json.dumps(s))
+    md = build_report([clean])["md"].read_text()
+    assert "overlap" not in md and "ran alongside" not in md

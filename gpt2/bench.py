@@ -207,14 +207,19 @@ class Bench:
         return extra
 
 
+def sweep_stage_names(sweep: str = SWEEP) -> List[str]:
+    """The stages conf/sweep/<sweep>.yaml runs, in its order (its `+stage: a,b,c` sweeper parameter)."""
+    text = (REPO / "conf" / "sweep" / f"{sweep}.yaml").read_text()
+    return re.search(r"\+stage:\s*(\S+)", text).group(1).split(",")
+
+
 def composed_stages(sweep: str = SWEEP) -> List[dict]:
     """The sweep's stages in order, with what each composes to: the settings the bench sizes runs by."""
     from hydra import compose, initialize_config_dir
 
     from . import job  # noqa: F401  (registers the schema and resolvers)
 
-    text = (REPO / "conf" / "sweep" / f"{sweep}.yaml").read_text()
-    names = re.search(r"\+stage:\s*(\S+)", text).group(1).split(",")
+    names = sweep_stage_names(sweep)
     stages = []
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for name in names:

@@ -232,7 +232,13 @@ def count_failures_in(sweep_dir: Path) -> None:
     """Add the failed jobs of a sweep to this process's count, from their summary.json files: under a launcher
     plugin (submitit) the jobs ran in other processes, so only their files say how they ended. A job folder
     without a summary, or one still "running", was killed: a failure too. Jobs of this process count once."""
-    for job_dir in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and re.match(r"^\d+_", p.name)):
+    try:
+        job_dirs = sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and re.match(r"^\d+_", p.name))
+    except OSError as e:  # the sweep folder cannot be read: the sweep cannot be called a success
+        log.error(f"could not read the jobs' summaries back from {sweep_dir}: {e}")
+        _failures.append(("sweep", "incomplete", 1))
+        return
+    for job_dir in job_dirs:
         if job_dir.resolve() in _failed_dirs:
             continue
         try:

@@ -163,13 +163,15 @@ class StepLog:
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
 
-    def step(self, record: dict, world_size: int) -> None:
+    def step(self, record: dict, world_size: int) -> float:
+        """The console line and the metrics.jsonl row of one step; returns its MFU (for wandb)."""
         utilisation = mfu(self.flops_per_token, record["tokens_per_sec"], world_size, self.peak_tflops)
         self.log.info(
             f"step {record['step']:5d} | loss {record['loss']:.6f} | lr {record['lr']:.4e} | "
             f"norm {record['grad_norm']:.4f} | dt {record['ms']:.2f} ms | "
             f"tok/sec {record['tokens_per_sec']:,.0f} | mfu {100 * utilisation:.2f}%")
         self.append(record)
+        return utilisation
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:

@@ -136,6 +136,11 @@ class Run:
     saved_step: Optional[int] = None
     val_note: Optional[str] = None  # why there is no validation loss, when there is none
 
+    @property
+    def slow_here(self) -> bool:
+        """GPT-2-sized work (over 20M parameters) off a GPU: minutes where a GPU takes seconds."""
+        return self.device.type != "cuda" and self.raw_model.num_params() > 20e6
+
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
@@ -294,7 +299,7 @@ def say_how_long(run: Run, step_ms: float, steps_left: int) -> None:
     hours, minutes = divmod(round(seconds / 60), 60)
     message = (f"at {step_ms / 1000:.1f} s per step, the {steps_left} steps left take about "
                + (f"{hours} h {minutes} min" if hours else f"{minutes} min") + f" on {run.device.type}")
-    if run.device.type != "cuda" and run.raw_model.num_params() > 20e6:
+    if run.slow_here:
         message += (f"; to try this stage quickly on this machine: python run.py +stage={run.cfg.stage.name} "
                     "model=tiny train.device=cpu train.steps=20")
     log.warning(message)
@@ -376,10 +381,8 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
             if len(step_ms) == (2 if cfg.train.compile else 1) and run.ranks.is_main:
                 say_how_long(run, record["ms"], cfg.train.steps - steps_done)
             if run.step_log:
-                run.step_log.step(record, run.ranks.world_size)
-                run.tracker.log({**record, "mfu": metrics.mfu(run.raw_model.flops_per_token(run.seq_len),
-                                                              record["tokens_per_sec"], run.ranks.world_size,
-                                                              summary["mfu_peak_tflops"])})
+                utilisation = run.step_log.step(record, run.ranks.world_size)
+                run.tracker.log({**record, "mfu": utilisation})
             if cfg.train.val_every and steps_done % cfg.train.val_every == 0 and steps_done < cfg.train.steps:
                 val_loss = run.validate(step)
             if cfg.train.sample_every and steps_done % cfg.train.sample_every == 0 and run.ranks.is_main:
@@ -395,7 +398,7 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                 break
         stopping = status == "interrupted"
         if status == "ok":
-            if run.ranks.is_main and run.device.type != "cuda" and run.raw_model.num_params() > 20e6:
+            if run.ranks.is_main and run.slow_here:
                 log.info(f"validating on {cfg.train.val_batches} held-out batches of {run.batch_size}x{run.seq_len} "
                          f"(minutes on a {run.device.type} at this size)")
             # still under StopFlag: a signal now lets the validation finish, then saves below

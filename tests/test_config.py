@@ -10,14 +10,9 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 import gpt2.job  # noqa: F401  registers the schema and the shared_now resolver
 from conftest import REPO
+from gpt2.bench import sweep_stage_names as sweep_stages  # the stages a sweep config runs, in its order
 
 CONF = REPO / "conf"
-
-
-def sweep_stages(name: str) -> list:
-    """The stages a sweep config runs, in its order."""
-    text = (CONF / "sweep" / f"{name}.yaml").read_text()
-    return re.search(r"\+stage:\s*(\S+)", text).group(1).split(",")
 
 
 def parent_stage(name: str):

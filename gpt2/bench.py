@@ -210,7 +210,13 @@ class Bench:
 def sweep_stage_names(sweep: str = SWEEP) -> List[str]:
     """The stages conf/sweep/<sweep>.yaml runs, in its order (its `+stage: a,b,c` sweeper parameter)."""
     text = (REPO / "conf" / "sweep" / f"{sweep}.yaml").read_text()
-    return re.search(r"\+stage:\s*(\S+)", text).group(1).split(",")
+    stages = re.search(r"\+stage:\s*(\S+)", text)
+    if stages:
+        return stages.group(1).split(",")
+    parent = re.search(r"^defaults:\s*\n\s*-\s*(\S+)", text, re.M)  # a sweep built on another (speedup_cpu)
+    if not parent:
+        raise ValueError(f"conf/sweep/{sweep}.yaml names no stages (+stage: a,b,c) and builds on no other sweep")
+    return sweep_stage_names(parent.group(1))
 
 
 def composed_stages(sweep: str = SWEEP) -> List[dict]:

@@ -1,6 +1,7 @@
 """Checkpoints that survive a kill mid-write and load without unpickling arbitrary objects."""
 
 import errno
+import json
 import logging
 import os
 import tempfile
@@ -109,7 +110,39 @@ def save_checkpoint(path: Path, *, model, optimizer, step: int, data_state: dict
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
-def resolve_checkpoint_path(resume: str) -> Path:
+RESUME_AUTO = "auto"  # train.resume=auto: this run's own folder (see resume_source)
+
+
+def resume_source(resume: Optional[str], run_dir: Path) -> Optional[str]:
+    """What train.resume loads: a checkpoint file or a run folder, as given; `auto`: this run's own folder when
+    it holds a checkpoint (a requeued or restarted job goes on where it stopped), else nothing (it starts)."""
+    if resume != RESUME_AUTO:
+        return resume
+    return str(run_dir) if (Path(run_dir) / CHECKPOINT_NAME).is_file() else None
+
+
+def forget_steps_from(metrics_file: Path, first_step: int) -> None:
+    """Drop the metrics.jsonl rows of steps >= first_step: an attempt that was killed logged them after its last
+    checkpoint, and the run that continues in its folder logs them again. A row cut short by the kill goes too."""
+    metrics_file = Path(metrics_file)
+    if not metrics_file.is_file():
+        return
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] < first_step
+        except (ValueError, TypeError, KeyError):
+            return False
+
+    lines = [line for line in metrics_file.read_text().splitlines() if kept(line)]
+    atomic_write_bytes(metrics_file, lambda f: f.write("".join(f"{line}\n" for line in lines).encode()))
+
+
+def resolve_checkpoint_path(resume: str) -> Optional[Path]:
+    """The checkpoint file that train.resume names; None for `auto`, which has no file to check before the
+    run's folder is known (resume_source finds it there, or starts the run)."""
+    if resume == RESUME_AUTO:
+        return None
     path = Path(resume).expanduser()
     if path.is_dir():
         path = path / CHECKPOINT_NAME

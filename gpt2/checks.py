@@ -98,3 +98,21 @@ def check_config(cfg, ranks) -> GPTConfig:
     if cfg.model.init_from == "scratch":
         check_sizes(cfg, gpt_config.block_size, ranks.world_size)
     return gpt_config
+
+
+def check_before_start(cfg, ranks) -> None:
+    """What a run's Hydra callback refuses before Hydra makes the run folder, so that a refused run leaves
+    nothing behind: check_config, the device, the compiler, the DDP backend, a train.resume that points at
+    nothing. The job checks again (a sweep's jobs differ from the sweep's config; tests call train directly)."""
+    from .checkpoint import resolve_checkpoint_path
+    from .devices import check_compiler, resolve_device
+    from .distributed import backend_for
+
+    check_config(cfg, ranks)
+    device = resolve_device(value(cfg.train.device), ranks)  # on a GPU: sets this rank's, as the job would
+    if cfg.train.compile:
+        check_compiler(device)
+    if ranks.world_size > 1:
+        backend_for(value(cfg.train.ddp_backend), device)
+    if cfg.train.resume:
+        resolve_checkpoint_path(str(cfg.train.resume))

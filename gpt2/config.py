@@ -6,11 +6,15 @@ whether it comes from the command line or from a YAML file. The defaults are the
 `conf/stage/*.yaml` hold only what each stage changes.
 """
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from .errors import UsageError
 
 
 def option_str(option) -> str:
@@ -21,6 +25,14 @@ def option_str(option) -> str:
 class Attention(str, Enum):
     manual = "manual"  # explicit causal mask + softmax, as in the GPT-2 paper
     flash = "flash"  # F.scaled_dot_product_attention(is_causal=True): FlashAttention kernels on GPU
+
+
+class SdpaBackend(str, Enum):
+    auto = "auto"  # torch's own order: FlashAttention-2, then memory-efficient, then math (cuDNN only when asked)
+    cudnn = "cudnn"  # cuDNN's fused attention, Hopper-native kernels; as fast as FlashAttention-2 for GPT-2 124M
+    #                  at B=64 on an H200 (1016 vs 1015 ms/step, experiments/h200-speedup), so not a stage
+    flash = "flash"  # FlashAttention-2 only
+    efficient = "efficient"  # the memory-efficient kernel only
 
 
 class Loss(str, Enum):
@@ -130,12 +142,18 @@ class TrainConfig:
     matmul_precision: MatmulPrecision = MatmulPrecision.highest
     autocast_dtype: ComputeDtype = ComputeDtype.fp32
     compile: bool = False
+    # which fused kernel scaled_dot_product_attention may use on CUDA (model.attention=flash); math stays on as
+    # the fallback for inputs the kernel cannot take. CPU and MPS have one kernel each: no effect there
+    sdpa_backend: SdpaBackend = SdpaBackend.auto
     timing_skip: int = 3  # first steps (allocator, autotuning, compilation) left out of ms/step
     val_every: int = 250  # validation loss every N steps (build-nanogpt's cadence) and at the end; 0 = end only
     val_batches: int = 4  # micro-batches per validation
     checkpoint_every: int = 0  # 0 = none on the way; a single run (not a sweep's job) still saves its last step
     save_checkpoints: bool = True  # false: never write checkpoint.pt, not even on a signal (benchmarks)
-    resume: Optional[str] = None  # a checkpoint file or a run folder to continue
+    # a checkpoint file or a run folder to continue (into this run's new folder); `auto`: continue the run of this
+    # run's own fixed folder (hydra.run.dir=DIR) from its checkpoint, or start it there when it has none, so that
+    # a requeued or restarted job is the same command (a finished run there is left as it is)
+    resume: Optional[str] = None
     ddp_backend: DDPBackend = DDPBackend.auto
     sample_every: int = 0  # text samples every N steps from the main process (build-nanogpt: 250); 0 = never
     sample_prompt: str = "Hello, I'm a language model,"  # the prompt they continue (4 samples, 32 tokens, top-k 50)
@@ -175,5 +193,28 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
+def plain_name(name: str) -> str:
+    """A stage name as it goes into a folder name: letters, digits, '-', '_', '.', never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", str(name)):
+        raise UsageError(f"stage.name={name!r} is not a plain name: use letters, digits, '-', '_' and '.' (it names "
+                         "the run's folder)")
+    return str(name)
+
+
+def check_command_line(args: list) -> None:
+    """What must be refused before Hydra starts: a stage name that would make a folder outside outputs/."""
+    for arg in args:
+        key, _, given = arg.lstrip("+~").partition("=")
+        if key == "stage.name":
+            for name in given.split(","):  # a sweep over names: a,b,c
+                plain_name(name.strip().strip("'\""))
+
+
 def register_configs() -> None:
+    """The schema and the resolvers conf/config.yaml uses. Torch-free (as is gpt2.distributed), so that
+    `run.py --help`, `--cfg` and TAB completion compose the config without loading torch."""
+    from .distributed import shared_now
+
     ConfigStore.instance().store(name="config_schema", node=Config)
+    OmegaConf.register_new_resolver("shared_now", shared_now, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("plain_name", plain_name, replace=True)

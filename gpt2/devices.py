@@ -49,8 +49,27 @@ def configure_torch(cfg, device: torch.device) -> None:
     precision = value(cfg.train.matmul_precision)
     torch.set_float32_matmul_precision(precision)
     torch.backends.cudnn.allow_tf32 = precision != "highest"
+    set_sdpa_backends(value(cfg.train.sdpa_backend) if device.type == "cuda" else "auto")
     torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
     metrics.reset_peak_memory(device)
+
+
+SDPA_SWITCHES = {"flash": torch.backends.cuda.enable_flash_sdp, "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+                 "cudnn": torch.backends.cuda.enable_cudnn_sdp, "math": torch.backends.cuda.enable_math_sdp}
+SDPA_STATES = {"flash": torch.backends.cuda.flash_sdp_enabled, "efficient": torch.backends.cuda.mem_efficient_sdp_enabled,
+               "cudnn": torch.backends.cuda.cudnn_sdp_enabled, "math": torch.backends.cuda.math_sdp_enabled}
+
+
+def set_sdpa_backends(choice: str) -> None:
+    """Which CUDA kernels scaled_dot_product_attention may pick (train.sdpa_backend). These switches are
+    process-wide, so every job sets all four. 'auto' enables them all and leaves the order to torch, which
+    tries cuDNN last; a named kernel is enabled alone with math as the fallback for inputs it cannot take."""
+    for name, switch in SDPA_SWITCHES.items():
+        switch(choice == "auto" or name in (choice, "math"))
+
+
+def enabled_sdpa_backends() -> list:
+    return [name for name, state in SDPA_STATES.items() if state()]
 
 
 def check_compiler(device: torch.device) -> None:

@@ -9,29 +9,45 @@ from hydra.experimental.callback import Callback
 from . import distributed
 from .errors import UsageError
 from . import job
-from .job import claim_folder
+from .folders import claim_folder
 
 log = logging.getLogger("gpt2.sweep")
 
 
-def _claim(folder: str, key: str) -> None:
+def _claim(folder: str, key: str, config) -> None:
     # runs before Hydra writes .hydra/ or the log file into the folder, so nothing is overwritten; under
     # torchrun only rank 0 claims (the others would find its claim); if it refuses, torchrun stops them
     if not distributed.ranks_from_env().is_main:
         return
     try:
-        claim_folder(Path(folder), key)
+        claim_folder(Path(folder), key, config)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
 
 
+def _check(config) -> None:
+    # a single run's settings are known before Hydra makes its folder: refuse bad ones now, so that the
+    # folder is never made (a sweep's jobs are checked in the job: their settings are known only there).
+    # Every rank exits; only rank 0 prints, unless the problem is this rank's own (its GPU): rank 0 passes then
+    from .checks import check_before_start
+
+    ranks = distributed.ranks_from_env()
+    try:
+        check_before_start(job.with_stage_overrides(config), ranks)
+    except UsageError as e:
+        if ranks.is_main or str(e).startswith(f"local rank {ranks.local_rank} "):
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
 class SpeedrunCallbacks(Callback):
     def on_run_start(self, config, **kwargs) -> None:
-        _claim(config.hydra.run.dir, "hydra.run.dir")
+        _check(config)
+        _claim(config.hydra.run.dir, "hydra.run.dir", config)
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        _claim(config.hydra.sweep.dir, "hydra.sweep.dir")
+        _claim(config.hydra.sweep.dir, "hydra.sweep.dir", config)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if not distributed.ranks_from_env().is_main:

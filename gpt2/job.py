@@ -5,10 +5,8 @@ a job raises. So a job never raises: it records its failure in summary.json, the
 process exits non-zero at the end (`exit_code`).
 """
 
-import atexit
 import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import math
@@ -26,9 +24,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import distributed
-from .checkpoint import atomic_write_bytes
+from .checkpoint import RESUME_AUTO, atomic_write_bytes
 from .config import register_configs
 from .errors import UsageError
+from .folders import _summary_in, finished_run_note
 
 log = logging.getLogger("gpt2.job")
 
@@ -36,28 +35,7 @@ _failures = []  # (stage, status, exit code) of this process's jobs that did not
 _failed_dirs = set()  # their run folders, so that reading a sweep's summaries back counts each job once
 _sweep_interrupted = False  # after a Ctrl-C the rest of a sweep is skipped, but the report is still written
 
-register_configs()
-OmegaConf.register_new_resolver("shared_now", distributed.shared_now, use_cache=True, replace=True)
-
-
-def plain_name(name: str) -> str:
-    """A stage name as it goes into a folder name: letters, digits, '-', '_', '.', never a path."""
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", str(name)):
-        raise UsageError(f"stage.name={name!r} is not a plain name: use letters, digits, '-', '_' and '.' (it names "
-                         "the run's folder)")
-    return str(name)
-
-
-OmegaConf.register_new_resolver("plain_name", plain_name, replace=True)
-
-
-def check_command_line(args: list) -> None:
-    """What must be refused before Hydra starts: a stage name that would make a folder outside outputs/."""
-    for arg in args:
-        key, _, given = arg.lstrip("+~").partition("=")
-        if key == "stage.name":
-            for name in given.split(","):  # a sweep over names: a,b,c
-                plain_name(name.strip().strip("'\""))
+register_configs()  # the schema and the resolvers, for the tests and tools that import this module
 
 
 def now_utc() -> str:
@@ -65,6 +43,11 @@ def now_utc() -> str:
 
 
 def command_line() -> str:
+    """The command as the user typed it, to re-run it: `python run.py ...`, or under torchrun torchrun's
+    whole command with its own flags (--standalone, --nnodes, rendezvous), read from the torchrun process."""
+    typed = distributed.torchrun_command()
+    if typed:
+        return shlex.join(typed)
     ranks = distributed.ranks_from_env()
     launcher = ["python"] if ranks.world_size == 1 else ["torchrun", f"--nproc_per_node={ranks.world_size}"]
     argv = [a for a in sys.argv if a not in distributed.hydra_overrides_for_rank(ranks)]
@@ -169,12 +152,13 @@ def _stop_at_once(signum, frame):
 
 @contextlib.contextmanager
 def sigterm_stops_at_once():
-    """SIGTERM or SIGHUP outside the training steps (set-up, the summary) stops like a Ctrl-C there: at once,
-    but with summary.json saying "interrupted". Inside the steps and the final validation train.StopFlag
-    finishes what is in flight and saves."""
+    """SIGTERM, SIGHUP or SIGUSR1 outside the training steps (set-up, the summary) stops like a Ctrl-C there:
+    at once, but with summary.json saying "interrupted". Inside the steps and the final validation
+    train.StopFlag finishes what is in flight and saves."""
     previous = {}
     with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
-        for sig in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal or ssh session closed
+        # SIGHUP: the terminal or ssh session closed; SIGUSR1: SLURM's warning before a time limit (--signal)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             previous[sig] = signal.signal(sig, _stop_at_once)
     try:
         yield
@@ -188,6 +172,9 @@ def run_job(cfg, train_fn) -> dict:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     ranks = distributed.ranks_from_env()
+    if cfg.train.resume == RESUME_AUTO and finished_run_note(run_dir):
+        # rank 0 said so and ended before Hydra wrote here (claim_folder); the other ranks end alike, untouched
+        return _summary_in(run_dir)
     summary = new_summary(cfg, hydra_cfg)
     if ranks.is_main:
         _save_summary(run_dir, summary)  # "running": a process killed hard is never mistaken for a finished run
@@ -257,75 +244,3 @@ def exit_code() -> int:
     if not _failures:
         return 0
     return 2 if all(code == 2 for _, _, code in _failures) else 1
-
-
-RUN_FILES = ("summary.json", "checkpoint.pt", "metrics.jsonl")  # any of them: the folder holds a run
-LOCK_NAME = ".gpt2-speedrun.lock"
-
-
-def earlier_run_in(folder: Path):
-    """The status of a run that already wrote into `folder` (or its job sub-folders), else None."""
-    for job_dir in [Path(folder), *sorted(p for p in Path(folder).glob("*") if p.is_dir())]:
-        summary = job_dir / "summary.json"
-        if summary.is_file():
-            try:
-                status = json.loads(summary.read_text()).get("status")
-                return status or "unknown"
-            except (OSError, ValueError, AttributeError):
-                return "unreadable summary.json"
-        found = [name for name in RUN_FILES[1:] if (job_dir / name).exists()]
-        if found:
-            return f"unknown: {', '.join(found)} but no summary.json"
-    return None
-
-
-_claimed = {}  # folder -> open lock file: the lock lives as long as this process, and dies with it
-
-
-def claim_folder(folder: Path, key: str) -> None:
-    """One folder, one run: refuse a folder that holds an earlier run or that another process is using.
-
-    An exclusive flock on a lock file inside the folder decides between two runs started at once; the OS
-    drops it when its process ends, however it ends, so a killed run never leaves a stale claim. The check
-    for earlier run files is made before anything is created (a refused folder is left as it was) and again
-    once the lock is held (the other run may have written in between).
-    """
-    folder = Path(folder)
-    if folder in _claimed:
-        return
-    status = earlier_run_in(folder)
-    if status is None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            lock = (folder / LOCK_NAME).open("a+")
-        except OSError as e:
-            raise UsageError(f"{key}={folder}: cannot write there ({e.strerror}); choose a folder you can write "
-                             f"to with {key}=...") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            owner = lock.read().strip() or "unknown"
-            lock.close()
-            raise UsageError(f"{folder} is in use by another run (process {owner}); nothing was written. Choose "
-                             f"another {key}=..., or wait for that run to end") from None
-        status = earlier_run_in(folder)
-        if status is None:
-            lock.truncate(0)
-            lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
-            lock.flush()
-            _claimed[folder] = lock
-            atexit.register(_release, folder)
-            return
-        lock.close()
-    resumable = (folder / "checkpoint.pt").is_file()  # (never advise resuming from a folder without one)
-    raise UsageError(f"{folder} already holds a run (status: {status}); nothing was overwritten. Choose another "
-                     f"{key}=..." + (f", or continue that run with train.resume={folder}" if resumable else ""))
-
-
-def _release(folder: Path) -> None:
-    lock = _claimed.pop(folder, None)
-    if lock is not None:
-        with contextlib.suppress(OSError):
-            (folder / LOCK_NAME).unlink()
-        lock.close()

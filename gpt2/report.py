@@ -268,6 +268,8 @@ def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, sh
                                                                 if show_overlap else []))
     rows, mixed_mfu = [], mfu_label == "MFU %"
     for i, (_, r) in enumerate(df.iterrows()):
+        if i and r["stage"] not in rules.SEED_STAGES and df["stage"].iloc[i - 1] in rules.SEED_STAGES:
+            rows.append(["", rules.BEYOND_THE_SEED] + [""] * (len(header) - 2))  # a line, not a run
         prev = _ratio(r["speedup_vs_prev"])
         if prev and (i == 0 or df["stage"].iloc[i - 1] != r["prev_stage"]):
             prev += f" (vs {r['prev_stage']})"  # the row above failed: compare with the last ok one

@@ -137,6 +137,10 @@ def adds_ran(adds: str, tokens_per_step, grad_accum, world_size, batch_size) -> 
 
 # ---------------------------------------------------------------- published figures, never mixed with measured ones
 
+# the seed's seven stages (conf/sweep/speedup.yaml): the table marks where the stages beyond them begin
+SEED_STAGES = ("baseline", "tf32", "bf16", "flash", "nice-vocab", "gpt3-optim", "grad-accum")
+BEYOND_THE_SEED = "*beyond the seed*"
+
 REFERENCE = [  # stage, seed README on H100 (ms/step), build-nanogpt video on A100 (ms/step); see DESIGN.md
     ("baseline", "~400", "~1000"), ("tf32", "~200", "~333"), ("bf16", "~180", "~300"),
     ("(torch.compile)", "-", "~130"), ("flash", "~88", "~96"), ("nice-vocab", "~58", "~93"),

@@ -10,7 +10,6 @@ import inspect
 import logging
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from . import checkpoint, distributed, metrics
 from .data import TokenLoader, build_data
@@ -27,7 +27,8 @@ from .errors import UsageError
 from .checks import check_config, check_sizes
 from .devices import check_compiler, configure_torch, resolve_device
 from .model import GPT
-from .optim import build_optimizer, describe_optimizer, grad_norm_and_clip, lr_at, set_lr
+from .optim import build_optimizer, grad_norm_and_clip, lr_at, set_lr
+from .run_summary import effective_settings, say_how_long, summarise
 from .tracking import WandbRun
 
 log = logging.getLogger("gpt2.train")
@@ -53,12 +54,14 @@ def build_model(cfg, gpt_config, device: torch.device, world_size: int = 1) -> G
     return model.to(device)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal or ssh session closed
+# SIGHUP: the terminal or ssh session closed; SIGUSR1: SLURM's warning before a time limit (--signal=USR1@120)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 
 class StopFlag:
-    """Ctrl-C, SIGTERM or SIGHUP asks the loop to stop after the current step (or the final validation);
-    a second Ctrl-C stops at once."""
+    """Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 asks the loop to stop after the current step (or the final
+    validation) and save; a second Ctrl-C stops at once. Under torchrun the ranks agree (distributed.any_rank)
+    after every step, so all stop at the same one, also when the signal reached only some of them."""
 
     def __init__(self):
         self.requested = False
@@ -81,6 +84,18 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+PROGRESS_DELAY_S = 5.0  # a progress bar appears only once its work has taken this long: none in tiny runs
+
+
+def progress(iterable, description: str, ranks, unit: str):
+    """`iterable` with a tqdm bar on rank 0's terminal, for work that can be silent for minutes (validating a
+    large model on a CPU, the first step's compile and micro-steps). No bar when stderr is not a terminal (a
+    pipe, a scheduler's log: tqdm's disable=None), so captured output and run.log keep one line per event;
+    none for work done within PROGRESS_DELAY_S; leave=False wipes it when done, leaving the step lines."""
+    return tqdm(iterable, desc=description, unit=unit, delay=PROGRESS_DELAY_S, leave=False, dynamic_ncols=True,
+                disable=None if ranks.is_main else True)
+
+
 @torch.no_grad()
 def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, autocast, ranks,
              device) -> Optional[float]:
@@ -94,12 +109,13 @@ def evaluate(model, tokens, batch_size: int, seq_len: int, batches: int, autocas
     batch_size = min(batch_size, (len(tokens) - 1) // seq_len)
     if batch_size < 1:
         return None  # held-out split shorter than one sequence
+    description = f"validating {batches} batches"
     batches = max(1, math.ceil(batches / ranks.world_size))
     loader = TokenLoader(tokens, batch_size, seq_len, ranks.rank, ranks.world_size)
     model.eval()
     total = torch.zeros((), device=device)
     try:
-        for _ in range(batches):
+        for _ in progress(range(batches), description, ranks, unit="batch"):
             x, y = (t.to(device) for t in loader.next_batch())
             with autocast():
                 total += model(x, y)[1].float()  # [1]: the logits are not kept alive
@@ -135,11 +151,25 @@ class Run:
     effective_autocast: Optional[str] = None  # read back from torch inside the first autocast region
     saved_step: Optional[int] = None
     val_note: Optional[str] = None  # why there is no validation loss, when there is none
+    first_step_done: bool = False  # until then, the steps say what they do (see micro_steps)
 
     @property
     def slow_here(self) -> bool:
         """GPT-2-sized work (over 20M parameters) off a GPU: minutes where a GPU takes seconds."""
         return self.device.type != "cuda" and self.raw_model.num_params() > 20e6
+
+    def micro_steps(self):
+        """range(grad_accum); on the run's first step with a line saying the model compiles, and a progress
+        bar over many micro-steps: compiling and 256 micro-steps kept that step silent for 5 minutes."""
+        if self.first_step_done:
+            return range(self.grad_accum)
+        self.first_step_done = True
+        if self.cfg.train.compile and self.ranks.is_main:
+            log.info("compiling the model (the first step takes longer)")
+        if self.grad_accum == 1:  # one micro-step: a bar could appear only once the step is over
+            return range(1)
+        return progress(range(self.grad_accum), "first step" + (" (compiling)" if self.cfg.train.compile else ""),
+                        self.ranks, unit="micro-step")
 
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -178,6 +208,9 @@ class Run:
 
     def validate(self, step: int) -> Optional[float]:
         t = self.cfg.train
+        if self.ranks.is_main and self.slow_here:  # a log file gets no progress bar: say why nothing moves
+            log.info(f"validating on {t.val_batches} held-out batches of {self.batch_size}x{self.seq_len} "
+                     f"(minutes on a {self.device.type} at this size)")
         val = evaluate(self.raw_model, self.val_tokens, self.batch_size, self.seq_len, t.val_batches, self.autocast,
                        self.ranks, self.device)
         if self.step_log and val is not None:
@@ -233,11 +266,16 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
               bf16=value(cfg.train.autocast_dtype) == "bf16", config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
               model_shape={k: getattr(raw_model.config, k) for k in
                            ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")})
-    if cfg.train.resume:
-        summary.update(checkpoint.resume_into(cfg.train.resume, model=raw_model, optimizer=optimizer,
+    resume = checkpoint.resume_source(cfg.train.resume, run_dir)
+    if resume:
+        summary.update(checkpoint.resume_into(resume, model=raw_model, optimizer=optimizer,
                                               loader=train_loader, model_shape=run.model_shape,
                                               config_yaml=run.config_yaml, device=device))
         log.info(f"resumed from {summary['resumed_from']} at step {summary['start_step']}")
+    if cfg.train.resume == checkpoint.RESUME_AUTO:  # going on in this folder: its checkpoint is this run's own
+        run.saved_step = summary.get("start_step") if resume else None
+        if ranks.is_main:
+            checkpoint.forget_steps_from(run_dir / "metrics.jsonl", summary.get("start_step", 0))
 
     dtype = metrics.compute_dtype(device, run.bf16)
     peak, peak_source = metrics.peak_tflops(device, dtype)
@@ -252,8 +290,7 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
                     "the learning rate never reaches optim.lr (fine for a timing run, not for training)")
     if ranks.is_main:
         log.info(f"{summary['stage']}: {summary['params']:,} parameters on {summary['device']} x{W}, "
-                 f"B={B} T={T}, {total_batch:,} tokens/step = {grad_accum} micro-step(s)"
-                 + (" (the first step compiles the model)" if cfg.train.compile else ""))
+                 f"B={B} T={T}, {total_batch:,} tokens/step = {grad_accum} micro-step(s)")
     return run
 
 
@@ -265,7 +302,7 @@ def train_step(run: Run, step: int) -> dict:
     set_lr(run.optimizer, lr)
     run.optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=run.device)
-    for micro in range(run.grad_accum):
+    for micro in run.micro_steps():
         x, y = (t.to(run.device, non_blocking=True) for t in run.train_loader.next_batch())
         # DDP all-reduces gradients only on the last micro-step; the others just accumulate
         last = micro == run.grad_accum - 1
@@ -286,77 +323,6 @@ def train_step(run: Run, step: int) -> dict:
     ms = (time.perf_counter() - t0) * 1000
     return {"step": step, "loss": loss_accum.item(), "lr": lr, "grad_norm": norm.item(), "ms": ms,
             "tokens_per_sec": run.total_batch / (ms / 1000)}
-
-
-LONG_RUN_S = 600  # a run expected to take longer is announced after its first step, with a quicker command
-
-
-def say_how_long(run: Run, step_ms: float, steps_left: int) -> None:
-    """After the first step: how long the rest will take, when that is long, and what to try instead on a CPU."""
-    seconds = step_ms / 1000 * steps_left
-    if seconds < LONG_RUN_S:
-        return
-    hours, minutes = divmod(round(seconds / 60), 60)
-    message = (f"at {step_ms / 1000:.1f} s per step, the {steps_left} steps left take about "
-               + (f"{hours} h {minutes} min" if hours else f"{minutes} min") + f" on {run.device.type}")
-    if run.slow_here:
-        message += (f"; to try this stage quickly on this machine: python run.py +stage={run.cfg.stage.name} "
-                    "model=tiny train.device=cpu train.steps=20")
-    log.warning(message)
-
-
-def effective_settings(run: Run) -> dict:
-    """The settings read back from torch and the built objects, not copied from the config."""
-    cfg, device = run.cfg, run.device
-    effective = {
-        "matmul_precision": torch.get_float32_matmul_precision(),
-        "tf32": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
-        "autocast_dtype": None if run.effective_autocast in (None, "none") else run.effective_autocast,
-        "attention": run.raw_model.transformer.h[0].attn.attention,
-        "loss": run.raw_model.config.loss,
-        "vocab_size": run.raw_model.lm_head.weight.shape[0],
-        "optimizer": describe_optimizer(run.optimizer),
-        "lr_schedule": {"name": value(cfg.optim.schedule), "first_lr": lr_at(0, cfg.optim, cfg.train.steps),
-                        "last_lr": run.optimizer.param_groups[0]["lr"], "warmup_steps": cfg.optim.warmup_steps,
-                        "decay_steps": cfg.train.steps},
-        "grad_clip": cfg.optim.grad_clip,
-        "grad_accum_steps": run.grad_accum,
-        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-        "ddp": None if run.ddp_model is None else {
-            "gradient_as_bucket_view": run.ddp_model.gradient_as_bucket_view,
-            "broadcast_buffers": getattr(run.ddp_model, "forward_sync_buffers",
-                                         getattr(run.ddp_model, "broadcast_buffers", None))},
-        "compiled": "torch._dynamo" in sys.modules
-                    and isinstance(run.model, sys.modules["torch._dynamo"].eval_frame.OptimizedModule),
-        "notes": [],
-    }
-    if device.type != "cuda" and effective["matmul_precision"] == "high":
-        effective["notes"].append(f"matmul_precision={effective['matmul_precision']} selects TF32 tensor cores, "
-                                  f"which {device.type} does not have: no effect here")
-    if run.effective_autocast == "none" and run.bf16:
-        effective["notes"].append("autocast was requested but torch reported it disabled")
-    return effective
-
-
-def summarise(run: Run, summary: dict, step_ms: list) -> None:
-    """Timing medians, tok/s, MFU and peak memory into the summary, and the closing console line."""
-    T, W = run.seq_len, run.ranks.world_size
-    if step_ms:
-        median, low, high, n = metrics.steady_state(step_ms, run.cfg.train.timing_skip)
-        tokens_per_sec = run.total_batch / (median / 1000)
-        summary.update(ms_per_step=median, ms_per_step_min=low, ms_per_step_max=high, steps_measured=n,
-                       tokens_per_sec=tokens_per_sec,
-                       mfu=metrics.mfu(run.raw_model.flops_per_token(T), tokens_per_sec, W, summary["mfu_peak_tflops"]))
-    summary.update(metrics.peak_memory(run.device))
-    if run.tracker:
-        run.tracker.finish(summary)
-    if run.ranks.is_main and summary.get("ms_per_step"):
-        mem = summary["peak_mem_gib"] or 0
-        reserved = summary.get("peak_mem_reserved_gib")
-        log.info(f"{summary['stage']}: {summary['ms_per_step']:.2f} ms/step (median of {summary['steps_measured']}), "
-                 f"{summary['tokens_per_sec']:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}%, peak memory "
-                 f"{mem:.2f} GiB ({summary['peak_mem_kind']})" + (f", {reserved:.2f} GiB reserved" if reserved else "")
-                 + f", final loss {summary['final_loss']:.4f}")
 
 
 def train(cfg, run_dir: Path, summary: dict) -> dict:
@@ -398,9 +364,6 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
                 break
         stopping = status == "interrupted"
         if status == "ok":
-            if run.ranks.is_main and run.slow_here:
-                log.info(f"validating on {cfg.train.val_batches} held-out batches of {run.batch_size}x{run.seq_len} "
-                         f"(minutes on a {run.device.type} at this size)")
             # still under StopFlag: a signal now lets the validation finish, then saves below
             val_loss = run.validate(max(steps_done - 1, 0))
             # a single run keeps its final model (for gpt2.sample, gpt2.evaluate, fine-tuning); the jobs of a
@@ -414,8 +377,12 @@ def train(cfg, run_dir: Path, summary: dict) -> dict:
             status = "interrupted"
             if steps_done > summary.get("start_step", 0):
                 run.save(steps_done)
+            if torch.distributed.is_initialized():  # no rank exits before rank 0's checkpoint is whole: the first
+                torch.distributed.barrier()         # exit may end the others (srun --kill-on-bad-exit, torchrun)
+            again = ("the same command continues it (train.resume=auto)" if cfg.train.resume == checkpoint.RESUME_AUTO
+                     else f"resume with train.resume={run_dir}")
             summary["error"] = f"stopped by a signal after {steps_done} of {cfg.train.steps} steps" + (
-                f"; resume with train.resume={run_dir}" if run.saved_step == steps_done else
+                f"; {again}" if run.saved_step == steps_done else
                 " (train.save_checkpoints=false: no checkpoint was written)" if not cfg.train.save_checkpoints
                 else "")
             log.warning(summary["error"])

@@ -30,7 +30,8 @@ ADDS = {
                  ("model.attention", "manual"), ("model.vocab_size", None), ("optim.name", "adamw"),
                  ("optim.lr", 3e-4), ("optim.betas", [0.9, 0.999]), ("optim.schedule", "constant"),
                  ("optim.grad_clip", None), ("optim.fused", False), ("train.batch_size", 16),
-                 ("train.seq_len", None), ("train.total_batch_size", None), ("train.compile", False)],
+                 ("train.seq_len", None), ("train.total_batch_size", None), ("train.compile", False),
+                 ("train.sdpa_backend", "auto")],
     "tf32": [("train.matmul_precision", "high")],
     "bf16": [("train.autocast_dtype", "bf16")],
     "flash": [("model.attention", "flash")],
@@ -148,11 +149,16 @@ def test_unknown_stage_is_refused():
         compose_with(["+stage=warp-speed"])
 
 
-def test_cpu_sweep_scales_only_grad_accum():
+def test_cpu_sweep_runs_every_stage_with_the_gpu_sweeps_micro_steps():
+    assert sweep_stages("speedup_cpu") == STAGES
     cfg = compose_with(["+sweep=speedup_cpu", "+stage=grad-accum"])
-    scaled = gpt2.job.with_stage_overrides(cfg)
     assert cfg.train.total_batch_size == 524288  # the stage as written
-    assert scaled.train.total_batch_size == 16384  # 32 micro-steps of B=8, T=64, as on a GPU
+    for stage in STAGES[STAGES.index("grad-accum"):]:
+        gpu = compose_with([f"+stage={stage}"]).train
+        cpu = gpt2.job.with_stage_overrides(compose_with(["+sweep=speedup_cpu", f"+stage={stage}"])).train
+        # as many micro-steps per step as on a GPU (32 of B=16, T=1024; big-batch 8 of B=64), CPU-sized
+        assert cpu.total_batch_size // (cpu.batch_size * cpu.seq_len) == gpu.total_batch_size // (gpu.batch_size * 1024)
+        assert cpu.total_batch_size == 16384 and cpu.device.value == "cpu", stage
     flash = compose_with(["+sweep=speedup_cpu", "+stage=flash"])
     assert gpt2.job.with_stage_overrides(flash) == flash
 

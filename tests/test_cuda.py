@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2 import metrics
+from gpt2.devices import SDPA_SWITCHES, enabled_sdpa_backends, set_sdpa_backends
 from gpt2.data import load_tokens
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer, describe_optimizer, lr_at, set_lr
@@ -47,12 +48,14 @@ KNOWN_GPUS = ("H100", "H200", "A100")  # datasheet peaks the MFU column must use
 @contextlib.contextmanager
 def restored_torch_flags():
     """Whatever a test or a train() run sets globally (matmul precision, TF32) is put back afterwards."""
-    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, enabled_sdpa_backends())
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+        for name, switch in SDPA_SWITCHES.items():
+            switch(name in before[2])
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +247,28 @@ def test_flash_or_cudnn_kernel_runs_for_gpt2_shapes(cuda):
             assert cosine(got, want) > 0.999, f"{name}: d{which} cosine {cosine(got, want):.5f}"
         outcome[name] = "ok"
     assert "ok" in outcome.values(), f"no fused attention kernel ran for {ATTN_SHAPE} bf16: {outcome}"
+
+
+def test_sdpa_backend_cudnn_runs_cudnn_attention_and_the_next_job_gets_every_kernel_back(cuda, run, tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = (torch.randn(ATTN_SHAPE, device=cuda, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with restored_torch_flags():
+        set_sdpa_backends("cudnn")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+            metrics.synchronize(cuda)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_cudnn_attention" in ops, sorted(o for o in ops if "attention" in o)
+    # two jobs of one process, as in a multirun: cuDNN asked for, then torch's own choice (eager, 1 micro-step)
+    small = ("+stage=big-batch", "train.compile=false", "train.batch_size=8", "train.total_batch_size=8192",
+             "train.steps=2", "train.val_batches=1", "train.save_checkpoints=false")
+    cudnn, cudnn_dir = run(tmp_path, *small, "train.sdpa_backend=cudnn", name="cudnn")
+    flash, flash_dir = run(tmp_path, *small, name="flash")
+    assert cudnn["effective"]["sdpa_backends"] == ["cudnn", "math"]
+    assert flash["effective"]["sdpa_backends"] == ["flash", "efficient", "cudnn", "math"]
+    # the same function in another kernel: bf16 step-0 losses agree to rounding (~1e-3 of ~10.9)
+    assert records(cudnn_dir)[0]["loss"] == pytest.approx(records(flash_dir)[0]["loss"], rel=1e-3)
 
 
 # ---- torch.compile ----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,15 +22,29 @@ def no_traceback_of_ours(out: str) -> bool:
     return f'File "{REPO / "gpt2"}' not in out and f'File "{REPO / "run.py"}' not in out
 
 
-def launch(nproc, args, cwd, wait=True):
-    """`torchrun --standalone --nproc_per_node=nproc run.py args` (or plain python for one process) in cwd."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    cmd = [*prefix, str(REPO / "run.py"), *args]
+def launch(nproc, args, cwd, wait=True, torchrun=None, script=REPO / "run.py", env=None):
+    """`torchrun --standalone --nproc_per_node=nproc run.py args` (or plain python for one process) in cwd.
+
+    torchrun: the launcher's flags instead of --standalone (a rendezvous of several agents, restarts), for any
+    nproc; script: what each process runs instead of run.py; env: variables added to the environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    if torchrun is None and nproc > 1:
+        torchrun = ["--standalone"]
+    prefix = [sys.executable, "-m", "torch.distributed.run", *torchrun, f"--nproc_per_node={nproc}"] \
+        if torchrun is not None else [sys.executable]
+    cmd = [*prefix, str(script), *args]
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    # a session of its own: on a hang, the whole tree goes (torchrun's workers too, not only torchrun)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... did not end in 300 s; its output:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def run_folders(cwd: Path):
@@ -41,18 +56,38 @@ def losses(run_dir: Path):
     return [r["loss"] for r in lines if "loss" in r], [r["val_loss"] for r in lines if "val_loss" in r]
 
 
-def test_two_processes_equal_one_with_accumulation(tmp_path, shakespeare_path):
-    data = [f"data.path={shakespeare_path}", f"data.cache_dir={tmp_path / 'cache'}"]
-    # 256 tokens per step: two ranks x two micro-steps of 2x32, or one process x four micro-steps
-    args = [*TINY, *data, "train.steps=4", "train.total_batch_size=256"]
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    single = launch(1, args, tmp_path / "one")
-    double = launch(2, args, tmp_path / "two")
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rendezvous(nnodes: int, **options) -> list:
+    """torchrun's flags for `nnodes` agents meeting at a c10d rendezvous on this host, as on a cluster's nodes."""
+    return [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "--rdzv-id=gpt2-test", *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
+
+
+@pytest.fixture(scope="module")
+def accumulation(tmp_path_factory, shakespeare_path):
+    """256 tokens per step: two ranks x two micro-steps of 2x32, or one process x four micro-steps. The
+    arguments, and the run folder of one process doing it by accumulation."""
+    tmp = tmp_path_factory.mktemp("one_process")
+    args = [*TINY, f"data.path={shakespeare_path}", f"data.cache_dir={tmp / 'cache'}", "train.steps=4",
+            "train.total_batch_size=256"]
+    single = launch(1, args, tmp)
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    [one] = run_folders(tmp)
+    return args, one
+
+
+def test_two_processes_equal_one_with_accumulation(tmp_path, accumulation):
+    args, one = accumulation
+    (tmp_path / "two").mkdir()
+    double = launch(2, args, tmp_path / "two")
     assert double.returncode == 0, double.stdout[-2000:] + double.stderr[-2000:]
 
-    [one], folders = run_folders(tmp_path / "one"), run_folders(tmp_path / "two")
+    folders = run_folders(tmp_path / "two")
     assert len(folders) == 1, f"ranks made {len(folders)} run folders"  # every rank, one folder
     [two] = folders
     assert not (two / ".hydra" / "config.yaml").read_text() == ""  # rank 0 wrote Hydra's files
@@ -70,9 +105,42 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, shakespeare_path):
     assert s1["effective"]["ddp"] is None
     assert s1["grad_accum_steps"] == 4 and s2["grad_accum_steps"] == 2
     assert s2["tokens_per_step"] == s1["tokens_per_step"] == 256  # tok/s counts every rank
-    assert s2["command"].startswith("torchrun --nproc_per_node=2")
+    # the command as typed, torchrun's own flags included, so that it can be run again
+    assert s2["command"] == f"torchrun --standalone --nproc_per_node=2 {REPO / 'run.py'} {' '.join(args)}"
     # only rank 0 prints the step lines
     assert double.stdout.count("step     0 |") == 1
+
+
+def test_two_nodes_on_one_host_equal_one_process_with_accumulation(tmp_path, accumulation):
+    # multi-node as on a cluster, on one machine: two torchrun agents of one process each, one c10d rendezvous
+    args, one = accumulation
+    flags = rendezvous(2, rdzv_conf="join_timeout=60")
+    agents = [launch(1, args, tmp_path, wait=False, torchrun=flags) for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(out[-2000:] for out in outputs)
+
+    folders = run_folders(tmp_path)
+    assert len(folders) == 1, f"the nodes made {len(folders)} run folders"
+    [two] = folders
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 1  # not even an empty folder of another rank's
+    loss_1, val_1 = losses(one)
+    loss_2, val_2 = losses(two)
+    assert loss_2 == pytest.approx(loss_1, rel=1e-5, abs=1e-6) and len(loss_2) == 4
+    assert val_2 == pytest.approx(val_1, rel=1e-5, abs=1e-6)
+    # only global rank 0 writes: the same files as the single process's, each step logged once
+    files = {str(p.relative_to(one)) for p in one.rglob("*") if p.is_file()}
+    assert {str(p.relative_to(two)) for p in two.rglob("*") if p.is_file()} == files
+    assert sum(out.count("step     0 |") for out in outputs) == 1
+    assert (two / "run.log").read_text().count("step     0 |") == 1
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["grad_accum_steps"] == 2 and summary["status"] == "ok"
+    # the command to start each node with, rendezvous included
+    assert summary["command"].startswith(f"torchrun {' '.join(flags)} --nproc_per_node=1 ")
 
 
 def test_world_size_must_divide_the_batch(tmp_path, shakespeare_path):

@@ -494,7 +494,7 @@ def test_two_runs_started_into_one_folder_at_once(tmp_path, data_args):
     # writes nothing; the lock dies with its process, so a killed run never blocks the folder for good
     import fcntl
 
-    from gpt2.job import LOCK_NAME
+    from gpt2.folders import LOCK_NAME
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -582,8 +582,10 @@ def _write_pickle_bomb(path, marker):
     torch.save({"model": Bomb()}, path)
 
 
-# id: (overrides, what the message must say, who reports it). "usage": our one line "error: ..." and exit 2;
-# "hydra": Hydra refuses the config while composing it, before any folder is made (exit 1, a short message)
+# id: (overrides, what the message must say, who reports it). "usage": our one line "error: ..." and exit 2,
+# from the job (a failed summary.json); "early": the same line, refused before the run folder is made (pure
+# config checks, in the run's Hydra callback); "hydra": Hydra refuses the config while composing it, before
+# any folder is made (exit 1, a short message)
 BAD_INPUT = {
     "unknown-stage": (["+stage=warp-speed"], "Could not find 'stage/warp-speed'", "hydra"),
     "unknown-model-preset": (["model=gpt5"], "Could not find 'model/gpt5'", "hydra"),
@@ -591,20 +593,20 @@ BAD_INPUT = {
     "wrong-type": (["train.batch_size=two"], "Value 'two' of type 'str' could not be converted to Integer",
                    "hydra"),
     "wrong-choice": (["train.device=tpu"], "Invalid value 'tpu', expected one of [auto, cuda, mps, cpu]", "hydra"),
-    "unknown-model-name": (["model.name=gpt5"], "model.name=gpt5 is not a preset", "usage"),
-    "zero-batch-size": (["train.batch_size=0"], "train.batch_size=0 must be positive", "usage"),
-    "negative-steps": (["train.steps=-1"], "train.steps=-1 must not be negative", "usage"),
-    "negative-width": (["model.n_embd=-64"], "model.n_embd=-64 must be positive", "usage"),
-    "heads-do-not-divide-width": (["model.n_head=3"], "model.n_head=3 does not divide model.n_embd=64", "usage"),
+    "unknown-model-name": (["model.name=gpt5"], "model.name=gpt5 is not a preset", "early"),
+    "zero-batch-size": (["train.batch_size=0"], "train.batch_size=0 must be positive", "early"),
+    "negative-steps": (["train.steps=-1"], "train.steps=-1 must not be negative", "early"),
+    "negative-width": (["model.n_embd=-64"], "model.n_embd=-64 must be positive", "early"),
+    "heads-do-not-divide-width": (["model.n_head=3"], "model.n_head=3 does not divide model.n_embd=64", "early"),
     "seq-len-above-context": (["train.seq_len=65"], "train.seq_len=65 is longer than the model's context of 64",
-                              "usage"),
+                              "early"),
     "total-batch-not-divisible": (["train.total_batch_size=100"],
-                                  "train.total_batch_size=100 is not divisible by B*T*world = 2*32*1 = 64", "usage"),
-    "cuda-without-cuda": (["train.device=cuda"], "train.device=cuda, but torch sees no CUDA device", "usage"),
+                                  "train.total_batch_size=100 is not divisible by B*T*world = 2*32*1 = 64", "early"),
+    "cuda-without-cuda": (["train.device=cuda"], "train.device=cuda, but torch sees no CUDA device", "early"),
     "data-missing": (["data.path={tmp}/nowhere.txt"], "data.path={tmp}/nowhere.txt: no such file", "usage"),
     "data-empty": (["data.path={tmp}/empty.txt"], "data.path={tmp}/empty.txt is empty", "usage"),
     "data-not-text": (["data.path={tmp}/image.png"], "data.path={tmp}/image.png is not UTF-8 text", "usage"),
-    "resume-nothing-there": (["train.resume={tmp}"], "train.resume={tmp}: no checkpoint at", "usage"),
+    "resume-nothing-there": (["train.resume={tmp}"], "train.resume={tmp}: no checkpoint at", "early"),
     "checkpoint-truncated": (["train.resume={tmp}/truncated.pt"], "truncated.pt is corrupt or truncated", "usage"),
     "checkpoint-garbage": (["train.resume={tmp}/garbage.pt"], "garbage.pt is corrupt or truncated", "usage"),
     "checkpoint-with-code": (["train.resume={tmp}/bomb.pt"], "bomb.pt is corrupt or truncated", "usage"),
@@ -615,23 +617,23 @@ BAD_INPUT = {
     "checkpoint-of-adamw-resumed-as-sgd": (["optim.name=sgd", "train.resume={tmp}/adamw.pt"],
                                            "the checkpoint was trained with optim.name=adamw, this run asks for "
                                            "optim.name=sgd", "usage"),
-    "lr-nan": (["optim.lr=nan"], "optim.lr=nan must be a positive number", "usage"),
-    "betas-out-of-range": (["optim.betas=[1.5,0.9]"], "optim.betas=[1.5, 0.9] must be two numbers in [0, 1)", "usage"),
-    "betas-one-value": (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)", "usage"),
-    "eps-negative": (["optim.eps=-1"], "optim.eps=-1.0 must be a small positive number", "usage"),
-    "min-lr-ratio-negative": (["optim.min_lr_ratio=-5"], "optim.min_lr_ratio=-5.0 must be in [0, 1]", "usage"),
-    "momentum-one": (["optim.momentum=1"], "optim.momentum=1.0 must be in [0, 1)", "usage"),
-    "grad-clip-zero": (["optim.grad_clip=0"], "optim.grad_clip=0.0 must be positive", "usage"),
+    "lr-nan": (["optim.lr=nan"], "optim.lr=nan must be a positive number", "early"),
+    "betas-out-of-range": (["optim.betas=[1.5,0.9]"], "optim.betas=[1.5, 0.9] must be two numbers in [0, 1)", "early"),
+    "betas-one-value": (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two numbers in [0, 1)", "early"),
+    "eps-negative": (["optim.eps=-1"], "optim.eps=-1.0 must be a small positive number", "early"),
+    "min-lr-ratio-negative": (["optim.min_lr_ratio=-5"], "optim.min_lr_ratio=-5.0 must be in [0, 1]", "early"),
+    "momentum-one": (["optim.momentum=1"], "optim.momentum=1.0 must be in [0, 1)", "early"),
+    "grad-clip-zero": (["optim.grad_clip=0"], "optim.grad_clip=0.0 must be positive", "early"),
     "vocab-below-tokenizer": (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the GPT-2 tokenizer's "
-                                                        "50257 ids", "usage"),
-    "val-fraction-one": (["data.val_fraction=1"], "data.val_fraction=1.0 must be in [0, 1)", "usage"),
-    "cache-dir-is-a-file": (["data.cache_dir={tmp}/empty.txt"], "data.cache_dir={tmp}/empty.txt is a file", "usage"),
+                                                        "50257 ids", "early"),
+    "val-fraction-one": (["data.val_fraction=1"], "data.val_fraction=1.0 must be in [0, 1)", "early"),
+    "cache-dir-is-a-file": (["data.cache_dir={tmp}/empty.txt"], "data.cache_dir={tmp}/empty.txt is a file", "early"),
     "init-from-another-architecture": (["model.init_from={tmp}/../bert"],
                                        "model.init_from={tmp}/../bert: {tmp}/../bert holds a bert model, not GPT-2",
                                        "usage"),
     "init-from-with-sizes": (["model.init_from={tmp}", "model.n_embd=128"],
-                             "model.n_embd=128 cannot be combined with model.init_from={tmp}", "usage"),
-    # refused before Hydra starts: no folder at all (a stage name becomes a folder name)
+                             "model.n_embd=128 cannot be combined with model.init_from={tmp}", "early"),
+    # refused before Hydra starts (a stage name becomes a folder name), or before it makes the folder
     "stage-name-is-a-path": (["stage.name=../../x"], "stage.name='../../x' is not a plain name", "early"),
     "output-folder-not-writable": (["hydra.run.dir=/proc/gpt2-speedrun/run"],
                                    "hydra.run.dir=/proc/gpt2-speedrun/run: cannot write there", "early"),

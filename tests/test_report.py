@@ -464,3 +464,22 @@ def test_report_with_evaluations_is_deterministic(evaluated):
     first = {k: p.read_bytes() for k, p in build_report([evaluated]).items()}
     assert {k: p.read_bytes() for k, p in build_report([evaluated]).items()} == first
 
+
+
+def test_a_line_marks_where_the_stages_beyond_the_seed_begin(tmp_path):
+    from gpt2.bench import sweep_stage_names
+    from gpt2.report_rules import BEYOND_THE_SEED, SEED_STAGES
+
+    assert list(SEED_STAGES) == sweep_stage_names("speedup")  # the report's list is the seed's sweep
+    folder = tmp_path / "sweep"
+    for i, (stage, tok) in enumerate([("gpt3-optim", 100.0), ("grad-accum", 110.0), ("compile", 150.0),
+                                      ("fused-loss", 151.0)]):
+        make_run(folder, f"{i}_{stage}", stage, tok)
+    md = squash(build_report([folder])["md"].read_text())
+    rows = [r for r in md.splitlines() if r.startswith("| ") and ("| " + BEYOND_THE_SEED) in r or
+            re.match(r"\| \d+ \| ", r)]
+    stages = [r.split("|")[2].strip() for r in rows]
+    assert stages == ["gpt3-optim", "grad-accum", BEYOND_THE_SEED, "compile", "fused-loss"]
+    assert "1.36x" in line(md, "| 2 | compile")  # vs previous still compares with grad-accum, the line aside
+    csv = pd.read_csv(folder / "report.csv")
+    assert list(csv["stage"]) == ["gpt3-optim", "grad-accum", "compile", "fused-loss"]  # data only in the CSV

@@ -91,7 +91,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_summary_figures_are_consistent(tmp_path, shakespeare_path):
     s, run_dir = run_train(tmp_path, shakespeare_path, "+stage=tf32", "train.steps=4", "train.batch_size=2",
-                           "train.timing_skip=2")
+                           "train.timing_skip=2", "train.sdpa_backend=cudnn")
     assert s["status"] == "ok" and s["steps"] == 4 and s["steps_measured"] == 2
     assert s["ms_per_step_min"] <= s["ms_per_step"] <= s["ms_per_step_max"]
     assert s["tokens_per_sec"] == pytest.approx(s["tokens_per_step"] / (s["ms_per_step"] / 1000))
@@ -99,6 +99,8 @@ def test_summary_figures_are_consistent(tmp_path, shakespeare_path):
     assert math.isfinite(s["final_loss"]) and math.isfinite(s["val_loss"])
     assert s["effective"]["matmul_precision"] == "high"
     assert s["effective"]["tf32"] is False and "no effect" in " ".join(s["effective"]["notes"])
+    assert s["effective"]["sdpa_backends"] is None  # CUDA's kernel switches, which the CPU run says it ignored
+    assert any("sdpa_backend=cudnn" in note and "no effect on cpu" in note for note in s["effective"]["notes"])
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     steps = [line for line in lines if '"loss"' in line]
     assert len(steps) == 4
@@ -167,6 +169,22 @@ def test_validation_does_not_recompile_the_compiled_model(tmp_path, shakespeare_
     assert len([line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]) == 3
 
 
+def test_sdpa_backend_switches_are_set_whole_for_every_job():
+    from gpt2.devices import SDPA_SWITCHES, enabled_sdpa_backends, set_sdpa_backends
+
+    before = enabled_sdpa_backends()
+    try:
+        set_sdpa_backends("cudnn")  # one kernel, math kept as the fallback
+        assert enabled_sdpa_backends() == ["cudnn", "math"]
+        set_sdpa_backends("efficient")  # the next job's choice replaces it, nothing left over
+        assert enabled_sdpa_backends() == ["efficient", "math"]
+        set_sdpa_backends("auto")
+        assert enabled_sdpa_backends() == ["flash", "efficient", "cudnn", "math"]
+    finally:
+        for name, switch in SDPA_SWITCHES.items():
+            switch(name in before)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_compile_without_a_compiler_is_one_line(monkeypatch, device):
     from gpt2.errors import UsageError
@@ -181,10 +199,10 @@ def test_compile_without_a_compiler_is_one_line(monkeypatch, device):
 
 
 def test_a_long_run_says_how_long_after_its_first_step(tmp_path, shakespeare_path, monkeypatch, caplog):
-    import gpt2.train as train_module
+    import gpt2.run_summary
 
     caplog.set_level(logging.INFO, logger="gpt2")
-    monkeypatch.setattr(train_module, "LONG_RUN_S", 0.0)  # every run counts as long here
+    monkeypatch.setattr(gpt2.run_summary, "LONG_RUN_S", 0.0)  # every run counts as long here
     monkeypatch.setattr(GPT, "num_params", lambda self, non_embedding=True: 124_000_000)  # as GPT-2 124M
     s, _ = run_train(tmp_path, shakespeare_path, "train.steps=3", "train.batch_size=2", "train.seq_len=32")
     assert s["status"] == "ok"

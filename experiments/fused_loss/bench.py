@@ -1,6 +1,6 @@
 """GPT-2's classifier + cross-entropy, forward and backward: the plain head against the fused, chunked one.
 
-    python experiments/fused_loss/bench.py [--device cuda] [--rows 16384,65536] [--out DIR]
+    python experiments/fused_loss/bench.py [--device cuda] [--rows 16384,65536] [--variants a,b] [--out DIR]
 
 For N = B*T rows of hidden states (C = 768) and the padded vocabulary (V = 50304), under bf16 autocast as in
 the stages that use it, each variant computes the mean loss and the gradients of x and of the (fp32) weight:
@@ -35,10 +35,9 @@ def plain(x, w, y):
 
 
 def variants(device):
-    out = {"plain": plain, "fused": fused_linear_cross_entropy}
+    out = {"plain": plain, "fused": fused_linear_cross_entropy,
+           "plain+compile": torch.compile(plain), "fused+compile": torch.compile(fused_linear_cross_entropy)}
     if device.type == "cuda":
-        out["plain+compile"] = torch.compile(plain)
-        out["fused+compile"] = torch.compile(fused_linear_cross_entropy)
         try:
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
@@ -62,8 +61,8 @@ def run_once(fn, x, w, y, device):
     return loss
 
 
-def measure(fn, x, w, y, device, reps):
-    for _ in range(3):  # warm-up: compilation, autotuning, allocator
+def measure(fn, x, w, y, device, reps, warmup):
+    for _ in range(warmup):  # compilation, autotuning, allocator
         run_once(fn, x, w, y, device)
     sync(device)
     times = []
@@ -96,14 +95,20 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default=None, help="comma-separated subset (default: all available); on a CPU "
+                   "the plain head at N=65536 needs ~40 GB for its fp32 logits and their gradient")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup,
                "torch": torch.__version__, "cuda": torch.version.cuda, "vocab": args.vocab, "width": args.width,
                "rows": []}
     fns = variants(device)
+    if args.variants:
+        fns = {name: fn for name, fn in fns.items() if name in args.variants.split(",")}
     for n in [int(r) for r in args.rows.split(",")]:
         w = (torch.randn(args.vocab, args.width, device=device) * 0.02).requires_grad_()
         x = torch.randn(n, args.width, device=device).requires_grad_()
@@ -115,7 +120,7 @@ def main(argv=None):
         ref = (ref_loss.detach(), x.grad.clone(), w.grad.clone())
         for name, fn in fns.items():
             try:
-                median, best, extra = measure(fn, x, w, y, device, args.reps)
+                median, best, extra = measure(fn, x, w, y, device, args.reps, args.warmup)
                 loss = run_once(fn, x, w, y, device)
                 row = {"rows": n, "variant": name, "ms_median": median, "ms_min": best, "extra_mem_gib": extra,
                        "rel_err_loss": rel(loss.detach(), ref[0]), "rel_err_grad_x": rel(x.grad, ref[1]),

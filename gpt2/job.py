@@ -48,10 +48,24 @@ def command_line() -> str:
     typed = distributed.torchrun_command()
     if typed:
         return shlex.join(typed)
+    if os.environ.get("SUBMITIT_FOLDER"):  # set by submitit in its job process only
+        return shlex.join(submitted_command())
     ranks = distributed.ranks_from_env()
     launcher = ["python"] if ranks.world_size == 1 else ["torchrun", f"--nproc_per_node={ranks.world_size}"]
     argv = [a for a in sys.argv if a not in distributed.hydra_overrides_for_rank(ranks)]
     return shlex.join(launcher + argv)
+
+
+def submitted_command() -> list:
+    """This job's command under Hydra's submitit launcher, whose job process is submitit's own (`python -m
+    submitit.core._submit FOLDER`: its argv says nothing to a user). Hydra's config keeps what was typed: the
+    launcher and sweep settings (hydra.overrides.hydra) and this job's own values (hydra.overrides.task, the
+    swept ones resolved), which re-run this one job as a one-job sweep under the same launcher. The script is
+    named after the job (Hydra names it after the script: run.py), run from the folder it was submitted from;
+    hydra.mode=MULTIRUN is Hydra's own record of the -m."""
+    hydra_cfg = HydraConfig.get()
+    typed = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode=")]
+    return ["python", f"{hydra_cfg.job.name}.py", "-m", *typed, *hydra_cfg.overrides.task]
 
 
 def strict_json_value(value):
@@ -152,13 +166,13 @@ def _stop_at_once(signum, frame):
 
 @contextlib.contextmanager
 def sigterm_stops_at_once():
-    """SIGTERM, SIGHUP or SIGUSR1 outside the training steps (set-up, the summary) stops like a Ctrl-C there:
-    at once, but with summary.json saying "interrupted". Inside the steps and the final validation
+    """SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2 outside the training steps (set-up, the summary) stops like a Ctrl-C
+    there: at once, but with summary.json saying "interrupted". Inside the steps and the final validation
     train.StopFlag finishes what is in flight and saves."""
     previous = {}
     with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
         # SIGHUP: the terminal or ssh session closed; SIGUSR1: SLURM's warning before a time limit (--signal)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):  # (USR2: submitit's time limit)
             previous[sig] = signal.signal(sig, _stop_at_once)
     try:
         yield

@@ -54,12 +54,13 @@ def build_model(cfg, gpt_config, device: torch.device, world_size: int = 1) -> G
     return model.to(device)
 
 
-# SIGHUP: the terminal or ssh session closed; SIGUSR1: SLURM's warning before a time limit (--signal=USR1@120)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+# SIGHUP: the terminal or ssh session closed; SIGUSR1: SLURM's warning before a time limit (--signal=USR1@120);
+# SIGUSR2: the same warning as submitit asks SLURM for it (the jobs of a sweep on hydra/launcher=slurm_gpu)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopFlag:
-    """Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 asks the loop to stop after the current step (or the final
+    """Ctrl-C, SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2 asks the loop to stop after the current step (or the final
     validation) and save; a second Ctrl-C stops at once. Under torchrun the ranks agree (distributed.any_rank)
     after every step, so all stop at the same one, also when the signal reached only some of them."""
 
@@ -284,7 +285,7 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
         run.tracker = WandbRun(cfg, run_dir, resume_id=summary.get("resumed_wandb_id"))
         summary["wandb_run_id"] = run.tracker.id  # a run that resumes this one continues its wandb run
     summary.update(compute_dtype=dtype, mfu_peak_tflops=peak, mfu_peak_source=peak_source,
-                   params=raw_model.num_params(non_embedding=False))
+                   params=raw_model.num_params(non_embedding=False), model_shape=run.model_shape)
     if value(cfg.optim.schedule) == "cosine" and 0 < cfg.train.steps <= cfg.optim.warmup_steps and ranks.is_main:
         log.warning(f"optim.warmup_steps={cfg.optim.warmup_steps} is not shorter than train.steps={cfg.train.steps}: "
                     "the learning rate never reaches optim.lr (fine for a timing run, not for training)")

@@ -3,13 +3,20 @@ hydra/launcher=local_cpu (submitit's local executor: each job a subprocess, all 
 report's rule for runs whose timings overlapped on one host and device."""
 
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from gpt2 import report_rules as rules
 from gpt2.report import build_report
-from test_sweep import data_args, run_py, summaries
+from test_sweep import REPO, data_args, run_py, summaries
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                     reason="hydra-submitit-launcher is not installed: pip install -e '.[cluster]'")
@@ -50,6 +57,77 @@ def test_failed_job_under_a_launcher_plugin_fails_the_sweep(tmp_path, shakespear
     assert runs["1_tf32"]["status"] == "failed" and runs["1_tf32"]["exit_code"] == 2
     table = pd.read_csv(tmp_path / "sweep" / "report.csv")
     assert list(table["status"]) == ["ok", "failed"]
+    # the job ran in submitit's process, not `python run.py`: its command is the sweep's, with its own values
+    typed = ["hydra/launcher=local_cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", "+stage=tf32", *TINY]
+    assert runs["1_tf32"]["command"].startswith("python run.py -m ") and "_submit" not in runs["1_tf32"]["command"]
+    assert set(typed) <= set(shlex.split(runs["1_tf32"]["command"])) and "+stage=baseline" not in runs["1_tf32"]["command"]
+    assert f"- tf32: `{runs['1_tf32']['command']}`" in (tmp_path / "sweep" / "report.md").read_text()
+
+
+def _processes_of(sweep_dir):
+    """The pids whose command line names the sweep folder: submitit's local job controllers and their jobs."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(sweep_dir).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+def test_ctrl_c_on_the_submitting_side_cancels_the_jobs(tmp_path, shakespeare_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY, "train.steps=1000000",
+            *data_args(tmp_path, shakespeare_path), f"hydra.sweep.dir={sweep}"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(sweep.glob("*/summary.json"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # both jobs started (they write summary.json "running" first)
+        assert len(_processes_of(sweep)) >= 2, (tmp_path / "err").read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGINT)  # the submitting process alone, as a scheduler's jobs would not get it
+        assert proc.wait(timeout=30) == 1
+    finally:
+        proc.kill()
+        for pid in _processes_of(sweep):
+            os.kill(pid, signal.SIGKILL)
+    assert _processes_of(sweep) == []
+    assert "interrupted: cancelled the 2 job(s) this sweep submitted" in (tmp_path / "err").read_text()
+    # the cancelled jobs stopped like on a Ctrl-C of their own; the report was written once, with them
+    assert {s["status"] for s in summaries(sweep).values()} <= {"interrupted", "running"}
+    table = pd.read_csv(sweep / "report.csv")
+    assert list(table["stage"]) == ["baseline", "flash"]
+
+
+def test_a_job_killed_hard_still_gets_the_sweeps_report(tmp_path, shakespeare_path):
+    # SIGKILL (out of memory, a lost node): no summary.json at the end and no result for submitit; the plugin
+    # alone would abort the sweep there, report and all
+    sweep = tmp_path / "sweep"
+    args = ["-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY, "train.steps=3",
+            "+sweep.stage_overrides.flash=['train.steps=1000000']", *data_args(tmp_path, shakespeare_path),
+            f"hydra.sweep.dir={sweep}"]
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=err)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and (not sweep.is_dir() or
+                                               summaries(sweep).get("0_baseline", {}).get("status") != "ok"):
+            time.sleep(0.2)  # baseline done; flash runs on
+        assert summaries(sweep)["1_flash"]["status"] == "running", (tmp_path / "err").read_text()[-3000:]
+        for pid in _processes_of(sweep):
+            if pid != proc.pid:
+                os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        proc.kill()
+        for pid in _processes_of(sweep):
+            os.kill(pid, signal.SIGKILL)
+    assert "a job of this sweep ended without a result" in (tmp_path / "err").read_text()
+    table = pd.read_csv(sweep / "report.csv")
+    assert list(table["stage"]) == ["baseline", "flash"] and table["status"].iloc[0] == "ok"
 
 
 def test_a_job_killed_without_a_summary_counts_as_failed(tmp_path):

@@ -181,3 +181,10 @@ def test_help_lists_the_stages_in_order_and_the_plus():
     order = lines[lines.index("== Stages (+stage=NAME, cumulative, in this order) ==") + 1].split()
     assert order == STAGES  # the help's list follows the full sweep (a new stage must be added there too)
     assert "python run.py +stage=flash" in out and "+sweep=speedup_full" in out and "train.resume" in out
+    # the sizes behind each model preset, as gpt2/model.py builds them (--cfg job shows them as null)
+    from gpt2.model import PRESETS
+
+    for name, (n_layer, n_head, n_embd, block_size) in PRESETS.items():
+        row = next(line.split() for line in lines if line.split()[:1] == [name])
+        assert row[1:5] == [f"n_layer={n_layer}", f"n_head={n_head}", f"n_embd={n_embd}", f"block_size={block_size}"]
+        assert (REPO / "conf" / "model" / f"{name}.yaml").is_file()

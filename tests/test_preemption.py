@@ -88,10 +88,11 @@ def assert_same_run(run_dir, full_dir):
 
 # SIGKILL in step 5: killed between the checkpoints after 4 and 6 steps, with step 4 logged after the first of
 # them; in step 1: killed before any checkpoint, with step 0 logged, so the same command starts over; SIGUSR1
-# in step 4: that step finished and saved (5 done), the exit a requeue expects (1, "interrupted")
+# in step 4: that step finished and saved (5 done), the exit a requeue expects (1, "interrupted"); SIGUSR2 (what
+# submitit's SLURM jobs get before their time limit) alike
 @pytest.mark.parametrize("signum, at, continues_from", [(signal.SIGKILL, 5, 4), (signal.SIGKILL, 1, 0),
-                                                        (signal.SIGUSR1, 4, 5)],
-                         ids=["SIGKILL-between-checkpoints", "SIGKILL-before-any-checkpoint", "SIGUSR1"])
+                                                        (signal.SIGUSR1, 4, 5), (signal.SIGUSR2, 3, 4)],
+                         ids=["SIGKILL-between-checkpoints", "SIGKILL-before-any-checkpoint", "SIGUSR1", "SIGUSR2"])
 def test_the_same_command_continues_a_stopped_run_as_if_never_stopped(tmp_path, data_args, uninterrupted, signum,
                                                                         at, continues_from):
     run_dir = tmp_path / "run"
@@ -103,11 +104,11 @@ def test_the_same_command_continues_a_stopped_run_as_if_never_stopped(tmp_path, 
         assert strict_json(run_dir / "summary.json")["status"] == "running"  # never ended: no chance to say so
     else:
         assert first.returncode == 1 and "Traceback" not in first.stdout
-        assert "SIGUSR1: stopping after this step" in first.stdout
+        assert f"{signal.Signals(signum).name}: stopping after this step" in first.stdout
         summary = strict_json(run_dir / "summary.json")
         assert summary["status"] == "interrupted" and summary["steps"] == at + 1
         assert summary["error"].endswith("the same command continues it (train.resume=auto)")
-    assert [r["step"] for r in records(run_dir)] == list(range(at + (signum == signal.SIGUSR1)))
+    assert [r["step"] for r in records(run_dir)] == list(range(at + (signum != signal.SIGKILL)))
     if continues_from:
         assert torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["step"] == continues_from
     else:

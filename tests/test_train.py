@@ -99,6 +99,7 @@ def test_summary_figures_are_consistent(tmp_path, shakespeare_path):
     assert math.isfinite(s["final_loss"]) and math.isfinite(s["val_loss"])
     assert s["effective"]["matmul_precision"] == "high"
     assert s["effective"]["tf32"] is False and "no effect" in " ".join(s["effective"]["notes"])
+    assert s["model_shape"] == {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 50257}
     assert s["effective"]["sdpa_backends"] is None  # CUDA's kernel switches, which the CPU run says it ignored
     assert any("sdpa_backend=cudnn" in note and "no effect on cpu" in note for note in s["effective"]["notes"])
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

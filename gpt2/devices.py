@@ -54,10 +54,11 @@ def configure_torch(cfg, device: torch.device) -> None:
     metrics.reset_peak_memory(device)
 
 
-SDPA_SWITCHES = {"flash": torch.backends.cuda.enable_flash_sdp, "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
-                 "cudnn": torch.backends.cuda.enable_cudnn_sdp, "math": torch.backends.cuda.enable_math_sdp}
-SDPA_STATES = {"flash": torch.backends.cuda.flash_sdp_enabled, "efficient": torch.backends.cuda.mem_efficient_sdp_enabled,
-               "cudnn": torch.backends.cuda.cudnn_sdp_enabled, "math": torch.backends.cuda.math_sdp_enabled}
+_sdp = torch.backends.cuda
+SDPA_SWITCHES = {"flash": _sdp.enable_flash_sdp, "efficient": _sdp.enable_mem_efficient_sdp,
+                 "cudnn": _sdp.enable_cudnn_sdp, "math": _sdp.enable_math_sdp}
+SDPA_STATES = {"flash": _sdp.flash_sdp_enabled, "efficient": _sdp.mem_efficient_sdp_enabled,
+               "cudnn": _sdp.cudnn_sdp_enabled, "math": _sdp.math_sdp_enabled}
 
 
 def set_sdpa_backends(choice: str) -> None:

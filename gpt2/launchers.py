@@ -2,7 +2,8 @@
 add to Hydra's: cancel what they submitted when the submitting command is stopped (Ctrl-C or SIGTERM while it
 waits for the jobs), and write the report when a job was killed without a result. Without it the jobs would go
 on running, or wait in the queue, with no one left to write the sweep's report; and the plugin gives up on the
-whole sweep, report and all, at the first job killed hard. Every option of the plugin's SlurmLauncher / LocalLauncher is kept: nothing else changes."""
+whole sweep, report and all, at the first job killed hard. Every option of the plugin's SlurmLauncher and
+LocalLauncher is kept: nothing else changes."""
 
 import signal
 import sys

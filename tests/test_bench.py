@@ -73,3 +73,29 @@ def test_bad_arguments_are_one_line_and_touch_nothing(tmp_path):
     assert (used / "bench.md").read_text() == "an earlier result"
     result = bench("--smoke", "--out", str(tmp_path / "new"), "--data", str(tmp_path / "missing.txt"))
     assert result.returncode == 2 and "no such file" in result.stderr and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_sweep_cut_at_its_limit_is_ok_only_when_every_job_and_the_report_were_done(tmp_path, monkeypatch, finished):
+    from gpt2.bench import Bench
+
+    bench_ = Bench(tmp_path, budget_s=600, data=None, smoke=True)
+    stages = [{"name": name, "compile": False, "total_batch_size": None, "batch_size": 16}
+              for name in ("baseline", "tf32")]
+
+    def cut_at_the_limit(phase, cmd, log_name, limit_s):  # the jobs ran; SIGTERM came while the process exited
+        for i, stage in enumerate(stages):
+            (tmp_path / "sweep" / f"{i}_{stage['name']}").mkdir(parents=True)
+            status = "ok" if finished or i == 0 else "interrupted"
+            (tmp_path / "sweep" / f"{i}_{stage['name']}" / "summary.json").write_text(json.dumps({"status": status}))
+        if finished:
+            (tmp_path / "sweep" / "report.md").write_text("# report\n")
+        return None, 170.0
+
+    monkeypatch.setattr(bench_, "run", cut_at_the_limit)
+    bench_.sweep(stages)
+    row = bench_.phases[-1]
+    if finished:
+        assert row["status"] == "ok" and "still exiting at the phase's time limit" in row["detail"]
+    else:
+        assert row["status"] == "timed out" and row["detail"].startswith("1 of 2 stages ok")

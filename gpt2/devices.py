@@ -65,8 +65,13 @@ def set_sdpa_backends(choice: str) -> None:
     """Which CUDA kernels scaled_dot_product_attention may pick (train.sdpa_backend). These switches are
     process-wide, so every job sets all four. 'auto' enables them all and leaves the order to torch, which
     tries cuDNN last; a named kernel is enabled alone with math as the fallback for inputs it cannot take."""
+    enable_sdpa_backends(SDPA_SWITCHES if choice == "auto" else (choice, "math"))
+
+
+def enable_sdpa_backends(names) -> None:
+    """Exactly these SDPA kernels on, every other off (names as enabled_sdpa_backends() lists them)."""
     for name, switch in SDPA_SWITCHES.items():
-        switch(choice == "auto" or name in (choice, "math"))
+        switch(name in names)
 
 
 def enabled_sdpa_backends() -> list:

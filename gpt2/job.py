@@ -164,6 +164,12 @@ def _stop_at_once(signum, frame):
     raise KeyboardInterrupt
 
 
+# what stops a job besides Ctrl-C (train.StopFlag: after the step in flight; sigterm_stops_at_once: at once)
+# SIGHUP: the terminal or ssh session closed; SIGUSR1: SLURM's warning before a time limit (--signal=USR1@120);
+# SIGUSR2: the same warning as submitit asks SLURM for it (the jobs of a sweep on hydra/launcher=slurm_gpu)
+JOB_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
 @contextlib.contextmanager
 def sigterm_stops_at_once():
     """SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2 outside the training steps (set-up, the summary) stops like a Ctrl-C
@@ -171,8 +177,7 @@ def sigterm_stops_at_once():
     train.StopFlag finishes what is in flight and saves."""
     previous = {}
     with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
-        # SIGHUP: the terminal or ssh session closed; SIGUSR1: SLURM's warning before a time limit (--signal)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):  # (USR2: submitit's time limit)
+        for sig in JOB_STOP_SIGNALS:
             previous[sig] = signal.signal(sig, _stop_at_once)
     try:
         yield

@@ -24,6 +24,7 @@ from . import checkpoint, distributed, metrics
 from .data import TokenLoader, build_data
 from .config import option_str as value
 from .errors import UsageError
+from .job import JOB_STOP_SIGNALS
 from .checks import check_config, check_sizes
 from .devices import check_compiler, configure_torch, resolve_device
 from .model import GPT
@@ -54,9 +55,7 @@ def build_model(cfg, gpt_config, device: torch.device, world_size: int = 1) -> G
     return model.to(device)
 
 
-# SIGHUP: the terminal or ssh session closed; SIGUSR1: SLURM's warning before a time limit (--signal=USR1@120);
-# SIGUSR2: the same warning as submitit asks SLURM for it (the jobs of a sweep on hydra/launcher=slurm_gpu)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGINT, *JOB_STOP_SIGNALS)  # Ctrl-C, and the signals that stop a job (gpt2/job.py)
 
 
 class StopFlag:

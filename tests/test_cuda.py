@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2 import metrics
-from gpt2.devices import SDPA_SWITCHES, enabled_sdpa_backends, set_sdpa_backends
+from gpt2.devices import enable_sdpa_backends, enabled_sdpa_backends, set_sdpa_backends
 from gpt2.data import load_tokens
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer, describe_optimizer, lr_at, set_lr
@@ -54,8 +54,7 @@ def restored_torch_flags():
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
-        for name, switch in SDPA_SWITCHES.items():
-            switch(name in before[2])
+        enable_sdpa_backends(before[2])
 
 
 @pytest.fixture(scope="module")

@@ -171,7 +171,7 @@ def test_validation_does_not_recompile_the_compiled_model(tmp_path, shakespeare_
 
 
 def test_sdpa_backend_switches_are_set_whole_for_every_job():
-    from gpt2.devices import SDPA_SWITCHES, enabled_sdpa_backends, set_sdpa_backends
+    from gpt2.devices import enable_sdpa_backends, enabled_sdpa_backends, set_sdpa_backends
 
     before = enabled_sdpa_backends()
     try:
@@ -182,8 +182,7 @@ def test_sdpa_backend_switches_are_set_whole_for_every_job():
         set_sdpa_backends("auto")
         assert enabled_sdpa_backends() == ["flash", "efficient", "cudnn", "math"]
     finally:
-        for name, switch in SDPA_SWITCHES.items():
-            switch(name in before)
+        enable_sdpa_backends(before)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -15,7 +15,9 @@ How it works:
   and beyond the context it costs what the no-cache path costs. The other choice would be to re-read only
   the last half window and then go on from the cache, which is cheaper but changes the text past the
   context. Exact won.
-- Sampling: temperature 0 is greedy (argmax, no randomness), otherwise logits / temperature, then top-k,
+- Sampling: temperature 0 is greedy (argmax, no randomness), and so is any temperature below GREEDY_BELOW
+  (1e-5): there the draw is the argmax anyway (a logit 0.001 below the best weighs e^-100), while dividing
+  by a far smaller one overflows to inf and then NaN. Otherwise logits / temperature, then top-k,
   then top-p (the smallest set of tokens whose probability reaches top_p), then one draw. Ids past the
   tokenizer's vocabulary (a padded table, 50304) are cut off before any of this, so they are never produced.
 - Speed on a CPU: decoding one token is bound by reading every weight once, and this CPU's matrix-vector
@@ -24,7 +26,8 @@ How it works:
   (made once per model and kept while its weights are unchanged; they cost one more copy of the weights in
   memory). The prompt, and every window re-read, go through the model itself. Tests hold both to the same tokens.
 - Randomness: `seed` gives each row its own generator, seeded seed + row, so a row's text does not depend on
-  what else is in the batch (row i of a batch = that prompt alone with seed + i). `generator=` (one
+  what else is in the batch (row i of a batch = that prompt alone with seed + i; seeds count modulo 2**64,
+  as torch's do, so any integer is a seed). `generator=` (one
   torch.Generator, as model.generate takes) draws for the whole batch in one call, as the seed's sampler did.
 """
 
@@ -37,6 +40,8 @@ import torch
 from torch.nn import functional as F
 
 EOT = 50256  # <|endoftext|>
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (see the module's docstring)
+SEED_SPACE = 2**64  # torch's seeds: an integer is taken modulo this
 
 
 class LayerCache:
@@ -151,7 +156,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
                 top_p: Optional[float] = None, generator=None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) ids. `generator`: one torch.Generator for the batch, or a list of one per row."""
     logits = logits.float()
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
@@ -171,28 +176,49 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
 
 
 def row_generators(seed: int, n: int, device) -> list:
-    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
+    return [torch.Generator(device=device).manual_seed((seed + i) % SEED_SPACE) for i in range(n)]
+
+
+def prompt_vocab_size(model) -> int:
+    """How many token ids a prompt may hold: those the tokenizer has (50257) and the model has rows for; the
+    padded rows of a larger table (50304) are never read."""
+    return min(model.config.tokenizer_vocab_size, model.config.vocab_size, EOT + 1)
+
+
+def check_prompt_ids(prompts, vocab: int) -> None:
+    """ValueError naming the first prompt that holds an id outside 0..vocab-1."""
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} holds token id {bad[0]}, outside this model's vocabulary of {vocab} "
+                             f"ids (0..{vocab - 1})")
 
 
 @torch.no_grad()
 def stream(model, prompts, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, seed: Optional[int] = None, generator=None,
-           use_cache: bool = True) -> Iterator[torch.Tensor]:
+           use_cache: bool = True, cancel=None) -> Iterator[torch.Tensor]:
     """Yield the (B,) next ids, one step at a time, for the prompts (lists of ids, or a (B, T) tensor).
 
-    Stopping is the caller's: stop iterating (rows that are done are still stepped until all are)."""
+    Stopping is the caller's: stop iterating (rows that are done are still stepped until all are), or set
+    `cancel` (a threading.Event, read before every forward pass) from another thread."""
     device = next(model.parameters()).device
     if torch.is_tensor(prompts):
         ids, valid = prompts.to(device), torch.ones_like(prompts, dtype=torch.bool, device=device)
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < model.config.vocab_size:
+            check_prompt_ids(ids.tolist(), model.config.vocab_size)
     else:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        check_prompt_ids(prompts, model.config.vocab_size)  # else the embedding's IndexError, mid-request
         ids, valid = left_pad(prompts, device)
     if generator is None and seed is not None:
         generator = row_generators(seed, ids.size(0), device)
     block, vocab = model.config.block_size, model.config.tokenizer_vocab_size
     cache = None
     for _ in range(max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            return
         if use_cache and cache is not None and cache.length < cache.capacity:
             cache.step(valid[:, -1:])
             if device.type == "cpu":
@@ -277,7 +303,7 @@ def stream_text(model, prompts: Sequence[Union[str, Sequence[int]]], max_new_tok
                 results: Optional[list] = None, **sampling) -> Iterator[tuple]:
     """Yield (row, text piece, finish_reason or None) as text is produced; each row ends with one item whose
     finish_reason is set. Prompts are text (or lists of ids); `sampling`: temperature, top_k, top_p, seed,
-    generator, use_cache (see `stream`). The stop string itself is never shown. `results`, a list, receives
+    generator, use_cache, cancel (see `stream`). The stop string itself is never shown. `results`, a list, receives
     one Completion per row (text, tokens, finish_reason, prompt_tokens), filled in as the rows go."""
     encode, decode = _tokenizer(encode, decode)
     ids = _encode_all(prompts, encode)

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from .errors import UsageError
-from .generation import EOT, stream_text
+from .generation import EOT, SEED_SPACE, prompt_vocab_size, stream_text
 from .loading import describe, load_model
 from .tokenizer import encode
 
@@ -53,11 +53,24 @@ def _check(args) -> None:
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k {args.top_k} must be at least 1 (--top-k none turns top-k off)")
     if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise UsageError(f"--temperature {args.temperature} must be 0 (greedy) or positive")
+        raise UsageError(f"--temperature {args.temperature} must be 0 (greedy) or positive (below 1e-5: greedy too)")
     if args.top_p is not None and not (0 < args.top_p <= 1):
         raise UsageError(f"--top-p {args.top_p} must be in (0, 1]")
     if any(s == "" for s in args.stop):
         raise UsageError("--stop is empty: give a string to stop at")
+    if not -SEED_SPACE // 2 <= args.seed < SEED_SPACE:
+        raise UsageError(f"--seed {args.seed} is not a 64-bit integer: give one in "
+                         f"{-SEED_SPACE // 2}..{SEED_SPACE - 1}")
+
+
+def _check_vocabulary(prompts, model) -> None:
+    """A model with fewer token ids than GPT-2's tokenizer (a tiny vocab_size) cannot read every text."""
+    vocab = prompt_vocab_size(model)
+    for text in prompts:
+        bad = [t for t in encode(text) if t >= vocab]
+        if bad:
+            raise UsageError(f"--prompt {text[:40]!r} encodes to token id {bad[0]}, beyond this model's vocabulary of "
+                             f"{vocab} ids: give a prompt whose tokens are all below {vocab}")
 
 
 def _top_k(value: str):
@@ -101,6 +114,7 @@ def main(argv=None) -> int:
         if device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda, but torch sees no CUDA device: use --device cpu")
         model, info = load_model(args.init)
+        _check_vocabulary(args.prompt, model)
         print(f"# {describe(info)}", file=sys.stderr)
         for text in sample(model, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
                            args.temperature, args.seed, torch.device(device), top_p=args.top_p, stop=args.stop,

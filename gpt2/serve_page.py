@@ -1,8 +1,14 @@
 """The single page that `python -m gpt2.serve` shows at /: a prompt, the sampling controls, the text as it streams.
 
 Plain HTML and JavaScript, no build step and nothing fetched from elsewhere; it talks to the server's own
-/v1/completions (stream: true) and /info.
+/v1/completions (stream: true) and /info. When the server has an API key the page shows a key field and
+sends what is typed there as `Authorization: Bearer KEY` (kept in this tab's sessionStorage only).
 """
+
+
+def page(max_tokens: int, key_required: bool = False) -> str:
+    return PAGE.replace("__MAX_TOKENS__", str(max_tokens)).replace("__KEY_REQUIRED__", str(key_required).lower())
+
 
 PAGE = r"""<!doctype html>
 <html lang="en">
@@ -24,11 +30,15 @@ PAGE = r"""<!doctype html>
   #output .prompt { color: #777; }
   #status { font-size: .85rem; color: #555; margin-top: .4rem; min-height: 1.2em; }
   .error { color: #b00; }
+  [hidden] { display: none !important; }  /* over label's display: flex */
+  #key_box { margin-bottom: .8rem; }
 </style>
 </head>
 <body>
 <h1>Talk to the model</h1>
 <div id="model">loading model information...</div>
+<label id="key_box" hidden>API key <input id="api_key" type="password" autocomplete="off"
+  placeholder="the server's --api-key"></label>
 <textarea id="prompt" rows="4" placeholder="Type a prompt...">Hello, I'm a language model,</textarea>
 <div class="controls">
   <label>max tokens <input id="max_tokens" type="number" min="1" max="__MAX_TOKENS__" value="64"></label>
@@ -45,15 +55,42 @@ PAGE = r"""<!doctype html>
 <script>
 const $ = (id) => document.getElementById(id);
 let controller = null;
+const KEY_REQUIRED = __KEY_REQUIRED__;
 
-fetch("info").then((r) => r.json()).then((info) => {
-  const parts = [info.run_folder || info.source];
-  if (info.stage) parts.push("stage " + info.stage);
-  if (info.steps !== null && info.steps !== undefined) parts.push(info.steps + " steps");
-  if (info.val_loss !== null && info.val_loss !== undefined) parts.push("val loss " + Number(info.val_loss).toFixed(4));
-  parts.push((info.params / 1e6).toFixed(1) + "M parameters", "context " + info.block_size);
-  $("model").textContent = "Model: " + parts.join(" \u00b7 ");
-}).catch(() => { $("model").textContent = "Model: (unknown)"; });
+function headers(extra) {
+  const h = Object.assign({}, extra), key = $("api_key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function failure(r) {
+  try { const e = await r.json(); return e.error ? e.error.message : r.statusText; } catch (e) { return r.statusText; }
+}
+
+function loadInfo() {
+  fetch("info", { headers: headers() }).then(async (r) => {
+    if (!r.ok) throw new Error(await failure(r));
+    return r.json();
+  }).then((info) => {
+    const parts = [info.run_folder || info.source];
+    if (info.stage) parts.push("stage " + info.stage);
+    if (info.steps !== null && info.steps !== undefined) parts.push(info.steps + " steps");
+    if (info.val_loss !== null && info.val_loss !== undefined) {
+      parts.push("val loss " + Number(info.val_loss).toFixed(4));
+    }
+    parts.push((info.params / 1e6).toFixed(1) + "M parameters", "context " + info.block_size);
+    $("model").textContent = "Model: " + parts.join(" \u00b7 ");
+  }).catch((e) => { $("model").textContent = "Model: (unknown: " + e.message + ")"; });
+}
+if (KEY_REQUIRED) {
+  $("key_box").hidden = false;
+  $("api_key").value = sessionStorage.getItem("api_key") || "";
+  $("api_key").addEventListener("change", () => {
+    sessionStorage.setItem("api_key", $("api_key").value.trim());
+    loadInfo();
+  });
+}
+loadInfo();
 
 function number(id) { const v = $(id).value.trim(); return v === "" ? null : Number(v); }
 
@@ -76,9 +113,9 @@ async function generate() {
   status.className = ""; status.textContent = "generating...";
   const t0 = performance.now(); let pieces = 0, finish = null;
   try {
-    const r = await fetch("v1/completions", { method: "POST", headers: { "Content-Type": "application/json" },
+    const r = await fetch("v1/completions", { method: "POST", headers: headers({ "Content-Type": "application/json" }),
                                               body: JSON.stringify(body), signal: controller.signal });
-    if (!r.ok) { const e = await r.json(); throw new Error(e.error ? e.error.message : r.statusText); }
+    if (!r.ok) throw new Error(await failure(r));
     const reader = r.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
     for (;;) {

@@ -2,11 +2,12 @@
 and `python -m gpt2.sample`'s options and bad input. CPU, tiny random models, no network."""
 
 import subprocess
+import threading
 
 import pytest
 import torch
 
-from gpt2.generation import EOT, KVCache, complete, sample_next, stream, stream_text
+from gpt2.generation import EOT, KVCache, complete, prompt_vocab_size, sample_next, stream, stream_text
 from gpt2.model import GPT, GPTConfig
 
 
@@ -137,12 +138,66 @@ def test_stop_token_ends_a_row_but_not_the_others():
         assert stopped[1].tokens == rows[1].tokens and stopped[1].finish_reason == "length"
 
 
+def count_forward_passes(model) -> list:
+    """One entry per forward pass: the token embedding runs once in each, the model's own forward and the
+    CPU's one-token decode step alike (which does not go through model.forward)."""
+    calls = []
+    model.transformer.wte.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
 def test_stream_stops_when_the_caller_stops():
     model = tiny()
+    calls = count_forward_passes(model)
     steps = stream(model, prompts((3,)), 1000, seed=0)
     first = [next(steps) for _ in range(3)]
+    assert len(first) == 3 and len(calls) == 3  # lazy: one pass per token taken
     steps.close()
-    assert len(first) == 3
+    with pytest.raises(StopIteration):
+        next(steps)
+    assert len(calls) == 3
+    texts = stream_text(model, [[1, 2, 3]], 1000, temperature=0, encode=list, decode=str, stop_ids=())
+    next(texts)
+    ran = len(calls)
+    texts.close()  # closing the text stream closes the token stream under it
+    assert len(calls) == ran
+
+
+def test_cancel_stops_before_the_next_forward_pass():
+    model = tiny()
+    calls, cancel = count_forward_passes(model), threading.Event()
+    steps = stream(model, prompts((3, 5)), 1000, seed=0, cancel=cancel)
+    next(steps), next(steps)
+    cancel.set()  # from another thread in the server: the same Event
+    assert list(steps) == [] and len(calls) == 2
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-300, 5e-324])
+def test_tiny_temperatures_are_greedy(temperature):
+    model = tiny()
+    greedy = torch.stack(list(stream(model, prompts((4, 2)), 12, temperature=0)), 1)
+    tiny_t = torch.stack(list(stream(model, prompts((4, 2)), 12, temperature=temperature, seed=1)), 1)
+    assert torch.equal(greedy, tiny_t)
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    assert sample_next(logits, temperature).item() == 1  # no inf / NaN from logits / temperature
+
+
+def test_any_integer_is_a_seed():
+    model = tiny()
+    wrapped = torch.stack(list(stream(model, prompts((3, 3)), 6, seed=2**64 - 1)), 1)  # rows: 2**64-1, 2**64 = 0
+    assert torch.equal(wrapped[1], torch.stack(list(stream(model, prompts((3, 3))[1:], 6, seed=0)), 1)[0])
+    negative = torch.stack(list(stream(model, prompts((3,)), 6, seed=-1)), 1)  # torch: -1 is 2**64 - 1
+    assert torch.equal(negative, wrapped[:1])
+
+
+def test_ids_beyond_the_vocabulary_are_refused():
+    model = tiny(vocab_size=128, tokenizer_vocab_size=100)
+    with pytest.raises(ValueError, match="token id 128"):
+        next(stream(model, [[1, 128]], 3))
+    with pytest.raises(ValueError, match="token id -1"):
+        next(stream(model, torch.tensor([[1, -1]]), 3))
+    assert prompt_vocab_size(model) == 100
+    assert prompt_vocab_size(tiny(vocab_size=60000, tokenizer_vocab_size=60000)) == EOT + 1  # the tokenizer's
 
 
 # ---- python -m gpt2.sample -------------------------------------------------------------------------------
@@ -189,6 +244,9 @@ def test_sample_new_options(hf_folder):
     (["--top-k", "0"], "--top-k"), (["--num-samples", "0"], "--num-samples"), (["--prompt", ""], "--prompt"),
     (["--max-new-tokens", "-5"], "--max-new-tokens"), (["--top-p", "1.5"], "--top-p"),
     (["--temperature", "-1"], "--temperature"), (["--top-k", "many"], "--top-k"),
+    (["--temperature", "inf"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--top-p", "nan"], "--top-p"), (["--top-p", "0"], "--top-p"), (["--top-k", "-3"], "--top-k"),
+    (["--seed", str(2**70)], "--seed"), (["--seed", str(-2**64)], "--seed"), (["--seed", "1.5"], "--seed"),
 ])
 def test_sample_refuses_bad_options(hf_folder, args, option):
     r = run_sample("--init", str(hf_folder), *args)
@@ -214,3 +272,29 @@ def test_sample_refuses_what_is_not_a_gpt2(tmp_path):
         assert r.stderr.startswith(f"error: --init {init}") and words in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
         assert "weights_only=False" not in r.stderr and "pwned" not in r.stdout
+
+
+def test_sample_extreme_values_behave(hf_folder):
+    base = ["--init", str(hf_folder), "--num-samples", "2", "--max-new-tokens", "6"]
+    greedy = run_sample(*base, "--temperature", "0")
+    for t in ("1e-30", "1e-300", "5e-324"):  # greedy, not a division overflowing to NaN
+        r = run_sample(*base, "--temperature", t)
+        assert r.returncode == 0 and r.stdout == greedy.stdout, r.stderr
+    assert run_sample(*base, "--seed", "-1").stdout == run_sample(*base, "--seed", str(2**64 - 1)).stdout  # as torch
+    several = run_sample(*base, "--seed", str(2**64 - 1), "--prompt", "a", "--prompt", "b")  # seeds wrap past 2**64
+    assert several.returncode == 0 and several.stdout.count(">> ") == 4, several.stderr
+    assert run_sample(*base, "--top-k", str(10**30), "--top-p", "1e-300").returncode == 0
+
+
+def test_sample_smaller_vocabulary(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=1000,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
+    r = run_sample("--init", str(tmp_path), "--prompt", "Hello zebra")  # "Hello" is token 15496
+    error = r.stderr.strip().splitlines()[-1]  # the lines before it: transformers' progress bar, if any
+    assert r.returncode == 2 and error.startswith("error: --prompt") and "Traceback" not in r.stderr
+    assert "token id 15496" in error and "vocabulary of 1000" in error
+    ok = run_sample("--init", str(tmp_path), "--prompt", "a", "--num-samples", "2", "--max-new-tokens", "5")
+    assert ok.returncode == 0 and ok.stdout.count(">> a") == 2, ok.stderr

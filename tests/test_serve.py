@@ -1,6 +1,7 @@
 """python -m gpt2.serve: the OpenAI-compatible API (plain, streamed, concurrent, bad input, the openai client),
 and the page in a headless browser. A tiny random model from a run folder in tmp_path; no network."""
 
+import contextlib
 import json
 import shutil
 import socket
@@ -29,18 +30,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A run folder with a tiny random model, served by uvicorn in a thread: its base URL."""
-    run = tmp_path_factory.mktemp("run")
+def tiny_run(folder, vocab_size=50304):
+    """A run folder holding a tiny random model: (model, info) as load_model reads it back."""
     torch.manual_seed(0)
-    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=50304)
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=vocab_size)
     model = GPT(GPTConfig(**shape))
     torch.save({"model": model.state_dict(), "model_shape": shape, "step": 7, "config": "stage:\n  name: flash\n"},
-               run / "checkpoint.pt")
-    (run / "summary.json").write_text(json.dumps({"stage": "flash", "steps": 7, "val_loss": 10.5}))
-    model, info = load_model(str(run))
-    app = create_app(model, info, max_tokens_cap=CAP, model_name="tiny")
+               folder / "checkpoint.pt")
+    (folder / "summary.json").write_text(json.dumps({"stage": "flash", "steps": 7, "val_loss": 10.5}))
+    return load_model(str(folder))
+
+
+@contextlib.contextmanager
+def serving(app):
+    """`app` served by uvicorn on a free loopback port, in a thread: its base URL."""
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -52,6 +55,14 @@ def server(tmp_path_factory):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A run folder with a tiny random model, served by uvicorn in a thread: its base URL."""
+    model, info = tiny_run(tmp_path_factory.mktemp("run"))
+    with serving(create_app(model, info, max_tokens_cap=CAP, model_name="tiny")) as url:
+        yield url
 
 
 def post(server, body, **kw):
@@ -174,6 +185,29 @@ def test_openai_client_plain_and_streamed(server):
         client.completions.create(model="tiny", prompt="hi", max_tokens=CAP + 1)
 
 
+def test_openai_client_finish_reason_usage_and_errors(server):
+    openai = pytest.importorskip("openai", reason="the openai client is not installed (serve extra)")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0)
+    short = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0, n=2)
+    assert [c.finish_reason for c in short.choices] == ["length", "length"]
+    assert (short.usage.prompt_tokens, short.usage.completion_tokens) == (len(encode("Hello")), 10)
+    full = client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0).choices[0].text
+    stop = full[6:9]
+    cut = client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full[:full.index(stop)]
+    chunks = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0, stop=stop,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == cut.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt="hi", temperature=3)
+    assert refused.value.param == "temperature" and refused.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt="hi", logprobs=2)
+    assert refused.value.param == "logprobs" and "not supported" in refused.value.message
+
+
 def find_browser():
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
@@ -181,14 +215,14 @@ def find_browser():
     return None
 
 
-def test_page_in_a_headless_browser(server):
+@contextlib.contextmanager
+def headless_browser():
+    """A selenium Chrome driver on Chromium, headless; skips the test where there is none."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     browser, driver_path = find_browser(), shutil.which("chromedriver")
     if not browser or not driver_path:
         pytest.skip("no Chromium and chromedriver on this machine (Debian: apt-get install chromium chromium-driver)")
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
@@ -196,16 +230,33 @@ def test_page_in_a_headless_browser(server):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def generate_in_page(driver, prompt_text="ROMEO:"):
+    """Type a prompt, press Generate, wait for the status line to say done."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    prompt = driver.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys(prompt_text)
+    driver.find_element(By.ID, "seed").send_keys("1")
+    driver.find_element(By.ID, "generate").click()
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+    assert driver.find_element(By.ID, "completion").text.strip()
+    assert driver.find_element(By.ID, "output").text.startswith(prompt_text)
+
+
+def test_page_in_a_headless_browser(server):
+    with headless_browser() as driver:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
         driver.get(server + "/")
         WebDriverWait(driver, 20).until(lambda d: "stage flash" in d.find_element(By.ID, "model").text)
         assert "val loss 10.5000" in driver.find_element(By.ID, "model").text
-        prompt = driver.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys("ROMEO:")
-        driver.find_element(By.ID, "seed").send_keys("1")
-        driver.find_element(By.ID, "generate").click()
-        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
-        assert driver.find_element(By.ID, "completion").text.strip()
-        assert driver.find_element(By.ID, "output").text.startswith("ROMEO:")
-    finally:
-        driver.quit()
+        assert not driver.find_element(By.ID, "key_box").is_displayed()  # no key on this server
+        generate_in_page(driver)

@@ -7,6 +7,9 @@ build_data(cfg, ...) is what a run calls: the text, or with data.shards_dir a fo
 
 The downloaded text and its tokens are cached in data.cache_dir. Every file there is written atomically
 (temporary file in the same folder, fsync, os.replace), so an interrupted run never leaves a half file.
+Neither can go stale: a token cache is named by the tokenizer and the sha256 of the exact text tokenized
+(an edited file is tokenized again, even at the same size and mtime), and a download is checked against
+data.sha256 or, without one, cached under a name that carries its url.
 """
 
 import hashlib
@@ -25,6 +28,7 @@ from gpt2 import tokenizer
 from gpt2.checkpoint import atomic_write_bytes
 from gpt2.config import DataConfig
 from gpt2.errors import UsageError
+from gpt2.model import GPT2_VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +92,23 @@ def _download(name: str, url: str, dest: Path, sha256) -> bytes:
     return data
 
 
+def _download_name(url: str, sha256) -> str:
+    """The cached copy's file name. With data.sha256 the checksum tells a stale copy from a good one; without
+    it the name carries the url's hash, so another url ending in the same name is never served this copy."""
+    if url == DataConfig.url:
+        return DEFAULT_FILE_NAME
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "download.txt"
+    if sha256:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    tag = _sha256(url.encode())[:16]
+    return f"{stem}-{tag}.{suffix}" if dot and stem else f"{name}-{tag}"
+
+
 def _read_downloaded(data_cfg, cache_dir: Path) -> str:
     """The text behind data.url: the cached copy if it is intact, else a fresh download."""
     url, sha256 = data_cfg.url, data_cfg.sha256
-    name = DEFAULT_FILE_NAME if url == DataConfig.url else os.path.basename(urllib.parse.urlparse(url).path)
-    path = cache_dir / (name or "download.txt")
+    path = cache_dir / _download_name(url, sha256)
     data = None
     if path.is_file():
         data = path.read_bytes()
@@ -219,10 +235,12 @@ class TokenLoader:
         self.next_chunk = int(state["next_chunk"]) % self.n_chunks
 
 
-def build_data(cfg, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+def build_data(cfg, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+               vocab_size: int = GPT2_VOCAB_SIZE):
     """(train loader, validation tokens) for a run: token shards when data.shards_dir is set (gpt2/shards.py),
     else the text split by data.val_fraction. Data that in-loop evaluations need (HellaSwag) is checked here
-    too, so that a missing file fails before the first step rather than at the first evaluation."""
+    too, so that a missing file fails before the first step rather than at the first evaluation.
+    `vocab_size`: the ids the model embeds (its tokenizer_vocab_size); a shard holding another is refused."""
     hellaswag_every = cfg.train.get("hellaswag_every") or 0
     if hellaswag_every < 0:
         raise UsageError(f"train.hellaswag_every={hellaswag_every} must not be negative (0: no HellaSwag)")
@@ -233,6 +251,7 @@ def build_data(cfg, batch_size: int, seq_len: int, rank: int = 0, world_size: in
     if cfg.data.get("shards_dir"):
         from gpt2.shards import open_shards
 
-        return open_shards(str(cfg.data.shards_dir), cfg.data.shards_prefix, batch_size, seq_len, rank, world_size)
+        return open_shards(str(cfg.data.shards_dir), cfg.data.shards_prefix, batch_size, seq_len, rank, world_size,
+                           vocab_size)
     train_tokens, val_tokens = train_val_split(load_tokens(cfg.data), cfg.data.val_fraction)
     return TokenLoader(train_tokens, batch_size, seq_len, rank, world_size), val_tokens

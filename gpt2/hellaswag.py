@@ -85,24 +85,50 @@ def data_file(path: Optional[str] = None, flag: str = "--data FILE") -> Path:
     return dest
 
 
+ROW_FORMAT = "a JSON object with a ctx string, endings: a list of 4 strings, and a label 0-3"
+
+
+def _row_problem(row) -> Optional[str]:
+    """What makes `row` not a HellaSwag row, or None. A string of 4 characters is not 4 endings, and a
+    label of 2.7 or True is not an index: both would be scored without complaint."""
+    if not isinstance(row, dict):
+        return f"{json.dumps(row)[:40]} is not a JSON object"
+    if not isinstance(row.get("ctx"), str):
+        return "no ctx string" if "ctx" not in row else f"ctx is {json.dumps(row['ctx'])[:40]}, not a string"
+    endings = row.get("endings")
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        return "no endings" if endings is None else f"endings is {json.dumps(endings)[:80]}, not a list of 4 strings"
+    label = row.get("label")
+    # Hugging Face's copy stores the label as a string ("3"): read that too
+    if not (type(label) is int and label in range(4)) and label not in ("0", "1", "2", "3"):
+        return f"label is {json.dumps(label)[:40]}, not an integer 0-3"
+    return None
+
+
 def load_examples(path, limit: Optional[int] = None) -> List[dict]:
-    """The rows of a HellaSwag .jsonl file ({"ctx", "endings": [4], "label"}, ...), the first `limit` of them."""
+    """The rows of a HellaSwag .jsonl file ({"ctx", "endings": [4], "label"}, ...), the first `limit` of them,
+    each checked as it is read: a one-line error names the file and line of the first bad one."""
     if limit is not None and limit < 1:
         raise UsageError(f"--limit={limit} must be positive (or left out for every row)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a bad byte is reported with its line, not as a decoder's traceback
+        for n, raw in enumerate(f, 1):
+            where = f"{path}, line {n}: not a HellaSwag row"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{where} (not UTF-8: bad byte {e.start + 1} of the line); HellaSwag's files are "
+                                 f"UTF-8 JSON lines") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                ok = isinstance(row["ctx"], str) and len(row["endings"]) == 4 and int(row["label"]) in range(4)
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                raise UsageError(f"{path}, line {n}: not a HellaSwag row (a JSON object with a ctx string, 4 "
-                                 f"endings and a label 0-3)")
-            rows.append(row)
+            except ValueError:
+                raise UsageError(f"{where} (not JSON); each line must be {ROW_FORMAT}") from None
+            problem = _row_problem(row)
+            if problem:
+                raise UsageError(f"{where} ({problem}); each line must be {ROW_FORMAT}")
+            rows.append({**row, "label": int(row["label"])})
             if limit is not None and len(rows) == limit:
                 break
     if not rows:
@@ -188,16 +214,20 @@ def evaluate(model, examples: List[dict], device, autocast=contextlib.nullcontex
 # ---- during training ---------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
-def _cached_examples(path: Optional[str], limit: Optional[int]) -> tuple:
-    return tuple(load_examples(data_file(path, "train.hellaswag_data=FILE"), limit))
+def _cached_examples(path: Path, limit: Optional[int], sha256: str) -> tuple:
+    return tuple(load_examples(path, limit))
 
 
 def examples_for_training(train_cfg) -> List[dict]:
-    """The rows train.hellaswag_every evaluates (train.hellaswag_data / hellaswag_limit), read once per process."""
+    """The rows train.hellaswag_every evaluates (train.hellaswag_data / hellaswag_limit), read once per process
+    for as long as the file is unchanged (a sweep runs its jobs in one process: an edited file is read again)."""
     path, limit = train_cfg.get("hellaswag_data"), train_cfg.get("hellaswag_limit")
     if limit is not None and limit < 1:
         raise UsageError(f"train.hellaswag_limit={limit} must be positive (or null for all {VAL_ROWS:,} rows)")
-    return list(_cached_examples(str(path) if path else None, limit))
+    found = data_file(str(path) if path else None, "train.hellaswag_data=FILE")
+    with open(found, "rb") as f:  # keyed by content: ~20 ms for the 11 MB validation file
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return list(_cached_examples(found.resolve(), limit, digest))
 
 
 def evaluate_in_run(run, step: int) -> dict:

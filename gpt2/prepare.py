@@ -8,20 +8,23 @@ Documents stream in (Hugging Face `datasets` for a hub name, or local .parquet /
 `text` column), are tokenized in parallel, each prefixed with <|endoftext|> (50256), and cut into uint16
 shards of exactly --shard-tokens tokens, the last one partial; shard 0 is the validation split. Each shard
 is written atomically and recorded in `{prefix}_manifest.json` with the document it stopped in, so a
-re-run skips the finished shards (re-reading, not re-tokenizing, their documents) and carries on.
+re-run skips the finished shards (re-reading, not re-tokenizing, their documents) and carries on. The
+manifest also records the local source files' names, sizes and sha256: a re-run after they changed is
+refused (it would cut the documents differently), and --restart starts over.
 """
 
 import argparse
-import gzip
+import functools
 import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -29,6 +32,7 @@ from gpt2 import tokenizer
 from gpt2.checkpoint import atomic_write_bytes
 from gpt2.errors import UsageError
 from gpt2.shards import read_shard, shard_name, write_shard
+from gpt2.sources import changes, fingerprint, local_files, local_root, open_documents
 
 log = logging.getLogger("gpt2.prepare")
 
@@ -46,7 +50,6 @@ DATASETS = {
     # 9.67M documents; build-nanogpt's 100M-token shards: 1 val + 99 train, the last partial (~10B tokens)
     "fineweb_edu": DatasetSpec("HuggingFaceFW/fineweb-edu", "sample-10BT", "edufineweb", "edu_fineweb10B", 10**10),
 }
-LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SHARD_TOKENS = 10**8
 
 
@@ -57,80 +60,6 @@ def cache_dir() -> Path:
 
 def default_out(dataset: str) -> Path:
     return cache_dir() / DATASETS[dataset].folder
-
-
-# ---- documents ------------------------------------------------------------------------------------
-
-def _local_files(path: Path) -> List[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(LOCAL_SUFFIXES))
-    if not files:
-        raise UsageError(f"--source {path}: the folder holds no {', '.join(LOCAL_SUFFIXES)} files; give a folder "
-                         f"or files of parquet / JSON lines with a text column")
-    return files
-
-
-def _read_json_lines(path: Path, text_field: str) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                yield row[text_field]
-            except (ValueError, KeyError, TypeError) as e:
-                what = f"no {text_field!r} field" if isinstance(e, (KeyError, TypeError)) else "not JSON"
-                raise UsageError(f"--source {path}, line {n}: {what}; each line must be a JSON object with a "
-                                 f"{text_field!r} string (--text-field names another)") from None
-
-
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq  # comes with `datasets`
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as e:  # ArrowInvalid for a file that is not parquet
-        raise UsageError(f"--source {path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-    if text_field not in parquet.schema_arrow.names:
-        raise UsageError(f"--source {path}: no {text_field!r} column (it has {', '.join(parquet.schema_arrow.names)}); "
-                         f"--text-field names another")
-    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
-        yield from batch.column(0).to_pylist()
-
-
-def _read_local(files: List[Path], text_field: str) -> Iterator[str]:
-    for path in files:
-        yield from (_read_parquet if path.name.endswith(".parquet") else _read_json_lines)(path, text_field)
-
-
-def _read_hub(name: str, config: Optional[str], text_field: str) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError("reading from the Hugging Face hub needs the `datasets` package: pip install datasets "
-                         "(or pass --source a local folder of parquet / JSON-lines files)") from None
-    try:
-        stream = datasets.load_dataset(name, name=config, split="train", streaming=True)
-    except Exception as e:  # ConnectionError offline, DatasetNotFoundError, a bad config name, ...
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise UsageError(f"could not open {name}" + (f" ({config})" if config else "") + f" on the Hugging Face hub "
-                         f"({reason}); check the name and the network, or download the data yourself and pass "
-                         f"--source a local folder of parquet / JSON-lines files") from None
-    for row in stream:
-        yield row[text_field]
-
-
-def open_documents(source: str, config: Optional[str] = None, text_field: str = "text") -> Iterator[str]:
-    """The documents' texts, in a fixed order: local files (a file or a folder, sorted by path) or a hub data set."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return _read_local(_local_files(path), text_field)
-    if source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES) or source.count("/") > 1:
-        raise UsageError(f"--source {source}: no such file or folder; give a local folder or files of parquet / "
-                         f"JSON lines, or a Hugging Face data set name (e.g. HuggingFaceFW/fineweb-edu)")
-    return _read_hub(source, config, text_field)
 
 
 # ---- tokens -------------------------------------------------------------------------------------
@@ -175,39 +104,77 @@ def _finished_shards(out: Path, manifest: dict) -> list:
     return good
 
 
-def write_shards(documents, out, *, prefix: str, shard_tokens: int = SHARD_TOKENS, max_shards: Optional[int] = None,
-                 workers: int = 0, settings: Optional[dict] = None, approx_tokens: Optional[int] = None,
-                 progress: Optional[bool] = None) -> dict:
-    """Tokenize `documents` (an iterable of texts, or a callable making one) into shards in `out`.
+START_OVER = ("run again with --restart (deletes the {prefix} shards and manifest in that folder), or choose "
+              "another --out")
 
-    Resumes from `out`'s manifest when it was made with the same `settings`; `workers` > 1 tokenizes in that
-    many processes (0 or 1: in this one). Returns the manifest: settings, shards (file, tokens, where the next
-    shard starts: next_doc, next_offset) and complete.
-    """
-    from tqdm import tqdm
 
-    if shard_tokens < 1:
-        raise UsageError(f"--shard-tokens={shard_tokens} must be positive")
-    if max_shards is not None and max_shards < 1:
-        raise UsageError(f"--max-shards={max_shards} must be positive")
-    out = Path(out).expanduser()
-    settings = {**(settings or {}), "prefix": prefix, "shard_tokens": shard_tokens, "encoding": tokenizer.ENCODING}
+def _clear_shards(out: Path, prefix: str) -> None:
+    """--restart: delete this prefix's shards and manifest in `out`, and nothing else there."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_(val|train)_\d{{6}}\.npy$")
+    doomed = [p for p in out.iterdir() if pattern.match(p.name)] if out.is_dir() else []
+    for path in doomed + [_manifest_path(out, prefix)]:
+        path.unlink(missing_ok=True)
+    if doomed:
+        log.info(f"--restart: deleted {len(doomed)} {prefix} shard(s) and the manifest in {out}")
+
+
+def _start_or_resume(out: Path, prefix: str, settings: dict, sources: Optional[Callable[[list], list]],
+                     restart: bool) -> dict:
+    """The manifest to go on with: the finished shards of `out`'s manifest when it was made with the same
+    settings from the same source files (`sources(recorded)` fingerprints them now), else a refusal; with
+    `restart`, an empty one in a cleared folder. Nothing is written or deleted before a refusal."""
     manifest_path = _manifest_path(out, prefix)
-    manifest = {"settings": settings, "shards": [], "complete": False}
-    if manifest_path.is_file():
+    start_over = START_OVER.format(prefix=prefix)
+    saved = None
+    if manifest_path.is_file() and not restart:
         try:
             saved = json.loads(manifest_path.read_text())
         except ValueError:
-            saved = None
-        if saved is None or saved.get("settings") != settings:
+            pass
+        if not isinstance(saved, dict) or saved.get("settings") != settings:
+            recorded = saved.get("settings") if isinstance(saved, dict) else None
             raise UsageError(f"--out {out} holds shards made with other settings ({manifest_path.name}: "
-                             f"{saved and saved.get('settings')}); choose another --out, or delete that folder to "
-                             f"start again")
+                             f"{recorded}); {start_over}")
+    elif not restart and out.is_dir() and any(out.glob(f"{prefix}_*_*.npy")):
+        raise UsageError(f"--out {out} holds {prefix} shards but no {manifest_path.name} (made by another tool?), "
+                         f"so there is nothing to resume from; {start_over}")
+    recorded_files = saved.get("source_files") if saved else None
+    files = sources(recorded_files or []) if sources else None
+    if saved and files is not None:
+        changed = changes(recorded_files, files) if recorded_files is not None else None
+        if changed:
+            raise UsageError(f"the source changed since the shards in --out {out} were made ({changed}), so "
+                             f"resuming would move documents between shards, and between validation and training; "
+                             f"{start_over}")
+        if recorded_files is None:
+            log.warning(f"{manifest_path.name} records no source files (an older manifest): resuming without "
+                        f"checking that the source is unchanged")
+    if restart:
+        _clear_shards(out, prefix)
+    manifest = {"settings": settings, "source_files": files, "shards": [], "complete": False}
+    if saved:
         manifest["shards"] = _finished_shards(out, saved)
         manifest["complete"] = saved.get("complete", False) and len(manifest["shards"]) == len(saved["shards"])
-    elif out.is_dir() and any(out.glob(f"{prefix}_*_*.npy")):
-        raise UsageError(f"--out {out} holds {prefix} shards but no {manifest_path.name} (made by another tool?), "
-                         f"so there is nothing to resume from; choose another --out, or delete them to start again")
+    return manifest
+
+
+def write_shards(documents, out, *, prefix: str, shard_tokens: int = SHARD_TOKENS, max_shards: Optional[int] = None,
+                 workers: int = 0, settings: Optional[dict] = None, approx_tokens: Optional[int] = None,
+                 progress: Optional[bool] = None, sources: Optional[Callable[[list], list]] = None,
+                 restart: bool = False) -> dict:
+    """Tokenize `documents` (an iterable of texts, or a callable making one) into shards in `out`, resuming
+    as _start_or_resume allows; `workers` > 1 tokenizes in that many processes (0 or 1: in this one). Returns
+    the manifest: settings, source_files, shards (file, tokens, where the next shard starts: next_doc,
+    next_offset) and complete."""
+    from tqdm import tqdm
+
+    for flag, value in (("--shard-tokens", shard_tokens), ("--max-shards", max_shards)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag}={value} must be positive")
+    out = Path(out).expanduser()
+    settings = {**(settings or {}), "prefix": prefix, "shard_tokens": shard_tokens, "encoding": tokenizer.ENCODING}
+    manifest_path = _manifest_path(out, prefix)
+    manifest = _start_or_resume(out, prefix, settings, sources, restart)
     done = manifest["shards"]
     if manifest["complete"]:
         log.info(f"{out}: all {len(done)} shards are there already ({sum(s['tokens'] for s in done):,} tokens)")
@@ -221,13 +188,7 @@ def write_shards(documents, out, *, prefix: str, shard_tokens: int = SHARD_TOKEN
         log.info(f"{out}: {len(done)} shard(s) are there already; continuing at document {skip_docs:,}")
 
     texts = documents() if callable(documents) else documents
-    pool = None
-    if workers > 1:
-        pool = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None).Pool(
-            workers, initializer=_start_worker)
-        tokens_iter = pool.imap(encode_document, _skipping(texts, skip_docs), chunksize=16)
-    else:
-        tokens_iter = map(encode_document, _skipping(texts, skip_docs))
+    tokens_iter, pool = _tokenized(_skipping(texts, skip_docs), workers)
 
     buf = np.empty(shard_tokens, dtype=np.uint16)
     filled, index, doc = 0, len(done), skip_docs
@@ -279,6 +240,15 @@ def write_shards(documents, out, *, prefix: str, shard_tokens: int = SHARD_TOKEN
             pool.join()
 
 
+def _tokenized(texts, workers: int):
+    """(the documents' tokens, in order; the pool making them, or None when this process does)."""
+    if workers <= 1:
+        return map(encode_document, texts), None
+    pool = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None).Pool(
+        workers, initializer=_start_worker)
+    return pool.imap(encode_document, texts, chunksize=16), pool
+
+
 def _skipping(texts, n: int):
     """The texts after the first n (those of finished shards): read, but not tokenized again."""
     for i, text in enumerate(texts):
@@ -292,20 +262,23 @@ def _skipping(texts, n: int):
 
 def prepare(dataset: str, source: Optional[str] = None, out=None, shard_tokens: int = SHARD_TOKENS,
             max_shards: Optional[int] = None, workers: int = 0, config: Optional[str] = None,
-            text_field: str = "text", progress: Optional[bool] = None) -> dict:
-    """Shards of `dataset` (a key of DATASETS) from `source` (its hub name by default) into `out`."""
+            text_field: str = "text", progress: Optional[bool] = None, restart: bool = False) -> dict:
+    """Shards of `dataset` (a key of DATASETS) from `source` (its hub name by default) into `out`; `restart`
+    deletes the shards already in `out` and starts over."""
     spec = DATASETS[dataset]
     source = source or spec.hub_name
-    local = Path(source).expanduser().exists()
-    config = None if local else (config if config is not None else
-                                 spec.hub_config if source == spec.hub_name else None)
+    root = local_root(source)
+    config = None if root else (config if config is not None else
+                                spec.hub_config if source == spec.hub_name else None)
     tokenizer.get_tokenizer()  # a missing vocabulary is a one-line error now, not in a worker later
     out = Path(out).expanduser() if out else default_out(dataset)
-    source_id = str(Path(source).expanduser().resolve()) if local else source
-    settings = {"source": source_id, "config": config, "text_field": text_field}
+    settings = {"source": str(root) if root else source, "config": config, "text_field": text_field}
+    # a hub data set has no files here to fingerprint: its name and config are what the manifest records
+    sources = functools.partial(fingerprint, local_files(root), root) if root else None
     return write_shards(lambda: open_documents(source, config, text_field), out, prefix=spec.prefix,
                         shard_tokens=shard_tokens, max_shards=max_shards, workers=workers, settings=settings,
-                        approx_tokens=spec.approx_tokens if source == spec.hub_name else None, progress=progress)
+                        approx_tokens=spec.approx_tokens if source == spec.hub_name else None, progress=progress,
+                        sources=sources, restart=restart)
 
 
 def main(argv=None) -> int:
@@ -323,11 +296,13 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="tokenizer processes (default half the CPUs; 1: in this process)")
     p.add_argument("--text-field", default="text", help="the column holding the text (default text)")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the shards and manifest already in --out and start over (a run resumes by default)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         manifest = prepare(args.dataset, args.source, args.out, args.shard_tokens, args.max_shards, args.workers,
-                           args.config, args.text_field)
+                           args.config, args.text_field, restart=args.restart)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return UsageError.exit_code

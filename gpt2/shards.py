@@ -21,6 +21,7 @@ import torch
 
 from gpt2.checkpoint import atomic_write_bytes
 from gpt2.errors import UsageError
+from gpt2.model import GPT2_VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,57 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
     atomic_write_bytes(Path(path), lambda f: np.save(f, tokens, allow_pickle=False))
 
 
+def _remake(path: Path) -> str:
+    return f"delete it and run `{PREPARE_HINT.format(dir=Path(path).parent)}` again to remake it"
+
+
+def _npy_layout(path: Path):
+    """(dtype, shape, bytes the header and data take) from a .npy file's header; ValueError if it has none."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0  # 3.0 differs only in how field names are encoded
+        shape, _, dtype = read_header(f)
+        return dtype, shape, f.tell() + dtype.itemsize * int(np.prod(shape))
+
+
 def read_shard(path: Path) -> np.ndarray:
-    """The shard's tokens, memory-mapped (nothing is read until used); a one-line error for a bad file."""
+    """The shard's tokens, memory-mapped (nothing is read until used); a one-line error for a file that is
+    not a whole 1-D uint16 .npy array: not .npy at all, cut short, longer than its header says, or another dtype."""
+    path, size = Path(path), None
     try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        size = path.stat().st_size
+        dtype, shape, expected_size = _npy_layout(path)
     except (OSError, ValueError) as e:
-        raise UsageError(f"{path} is not a readable .npy token shard ({str(e).splitlines()[0]}); delete it "
-                         f"and run `{PREPARE_HINT.format(dir=Path(path).parent)}` again to remake it") from None
-    if tokens.ndim != 1 or tokens.dtype != np.uint16:
-        raise UsageError(f"{path} holds a {tokens.dtype} array of shape {tokens.shape}, not 1-D uint16 GPT-2 "
-                         f"tokens; delete it and run `{PREPARE_HINT.format(dir=Path(path).parent)}` again")
-    return tokens
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        reason = "the file is empty" if size == 0 else reason
+        raise UsageError(f"{path} is not a readable .npy token shard ({reason}); {_remake(path)}") from None
+    if len(shape) != 1 or dtype != np.uint16:
+        raise UsageError(f"{path} holds a {dtype} array of shape {shape}, not 1-D uint16 GPT-2 tokens; "
+                         f"{_remake(path)}")
+    if size != expected_size:  # np.load would refuse a short file with "mmap length ..." and ignore a long one
+        state = "is cut short" if size < expected_size else "is longer than its header says"
+        raise UsageError(f"{path} {state}: {size:,} bytes, but its header's {shape[0]:,} tokens take "
+                         f"{expected_size:,}; {_remake(path)}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not a readable .npy token shard ({str(e).splitlines()[0]}); "
+                         f"{_remake(path)}") from None
+
+
+def check_token_ids(tokens: np.ndarray, where, vocab_size: int = GPT2_VOCAB_SIZE) -> None:
+    """Refuse a shard holding an id the model has no embedding for: it would fail hours later, at its batch,
+    as an IndexError naming nothing. One vectorised pass (a max over the memory map)."""
+    if len(tokens) == 0 or int(tokens.max()) < vocab_size:
+        return
+    outside = tokens >= vocab_size  # only on failure: where, and how many
+    first = int(np.argmax(outside))
+    more = int(np.count_nonzero(outside)) - 1
+    raise UsageError(f"{where} holds token id {int(tokens[first]):,} at position {first:,}"
+                     + (f" (and {more:,} more)" if more else "") + f", outside the model's vocabulary of "
+                     f"{vocab_size:,} GPT-2 ids: the shard was made with another tokenizer, or is damaged; "
+                     f"{_remake(where)}")
 
 
 def find_shards(shards_dir, prefix: str = DEFAULT_PREFIX) -> dict:
@@ -85,13 +126,16 @@ class ShardLoader:
     """
 
     def __init__(self, shards: Sequence, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 names: Optional[List[str]] = None):
-        """`shards`: paths of .npy shards, or 1-D token arrays (then `names` labels them in the state)."""
+                 names: Optional[List[str]] = None, vocab_size: int = GPT2_VOCAB_SIZE):
+        """`shards`: paths of .npy shards, or 1-D token arrays (then `names` labels them in the state).
+        Every shard is checked now (its file, and ids < vocab_size), not at its batch hours later."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         arrays = [read_shard(s) if isinstance(s, (str, Path)) else np.asarray(s) for s in shards]
         names = list(names) if names is not None else [
             Path(s).name if isinstance(s, (str, Path)) else f"shard{i}" for i, s in enumerate(shards)]
+        for shard, array, name in zip(shards, arrays, names):
+            check_token_ids(array, Path(shard) if isinstance(shard, (str, Path)) else Path(name), vocab_size)
         kept = [(a, n) for a, n in zip(arrays, names) if len(a)]  # an empty shard holds nothing to read
         self.shards, self.names = [a for a, _ in kept], [n for _, n in kept]
         self.starts = [0]  # stream offset of each shard's first token, then the stream's length
@@ -154,11 +198,14 @@ class ShardLoader:
         self.next_chunk = -(-start // chunk_tokens) % self.n_chunks
 
 
-def open_shards(shards_dir, prefix: str, batch_size: int, seq_len: int, rank: int, world_size: int):
-    """(ShardLoader over the train shards, the val shard's tokens) for a run with data.shards_dir."""
+def open_shards(shards_dir, prefix: str, batch_size: int, seq_len: int, rank: int, world_size: int,
+                vocab_size: int = GPT2_VOCAB_SIZE):
+    """(ShardLoader over the train shards, the val shard's tokens) for a run with data.shards_dir; every
+    shard's ids are checked against `vocab_size` (the ids the model embeds) before the first step."""
     found = find_shards(shards_dir, prefix)
-    loader = ShardLoader(found["train"], batch_size, seq_len, rank, world_size)
+    loader = ShardLoader(found["train"], batch_size, seq_len, rank, world_size, vocab_size=vocab_size)
     val_tokens = read_shard(found["val"][0])  # validation reads the first micro-batches of it, the same each time
+    check_token_ids(val_tokens, found["val"][0], vocab_size)
     if rank == 0:
         log.info(f"data: {len(loader.shards)} train shard(s), {loader.n_tokens:,} tokens, and "
                  f"{found['val'][0].name} ({len(val_tokens):,} tokens) in {shards_dir}")

@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import logging
+import os
 import socket
 import threading
 from pathlib import Path
@@ -201,6 +202,35 @@ def test_changed_source_retokenizes(tmp_path):
     write(source, TEXT + "Second Citizen:\nOne word, good citizens.\n")
     assert data.load_tokens(cfg).tolist() == tokenizer.encode(source.read_text())
     assert len(cache_files(tmp_path)) == 2  # one per exact source text
+
+
+def test_a_file_edited_at_the_same_size_and_mtime_is_tokenized_again(tmp_path):
+    source = write(tmp_path / "text.txt", TEXT)
+    cfg = make_cfg(tmp_path / "cache", path=str(source))
+    old = data.load_tokens(cfg)
+    stat = source.stat()
+    edited = TEXT.replace("Citizen", "Senator")  # same length: a stat-keyed cache could not tell
+    assert len(edited.encode()) == stat.st_size
+    write(source, edited)
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime
+    new = data.load_tokens(cfg)
+    assert new.tolist() == tokenizer.encode(edited) and not np.array_equal(new, old)
+    assert len(cache_files(tmp_path / "cache")) == 2  # the old text's tokens stay valid under their own key
+
+
+def test_another_url_with_the_same_file_name_is_not_served_the_first_ones_copy(server, tmp_path):
+    files, base = server
+    files["/v1/input.txt"] = TEXT.encode()
+    files["/v2/input.txt"] = (TEXT + "Second Citizen:\nOne word.\n").encode()
+    cache = tmp_path / "cache"
+    # no data.sha256: no checksum to tell the two apart
+    first = data.load_tokens(make_cfg(cache, url=base + "/v1/input.txt", sha256=None))
+    second = data.load_tokens(make_cfg(cache, url=base + "/v2/input.txt", sha256=None))
+    assert first.tolist() == tokenizer.encode(TEXT)
+    assert second.tolist() == tokenizer.encode(files["/v2/input.txt"].decode())
+    files.clear()  # both are cached now, each under its own name: no network needed
+    assert np.array_equal(data.load_tokens(make_cfg(cache, url=base + "/v1/input.txt", sha256=None)), first)
+    assert sorted(p.name.split("-")[0] for p in cache.glob("input*.txt")) == ["input", "input"]
 
 
 def test_cache_file_format(tmp_path):

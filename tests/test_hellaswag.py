@@ -105,12 +105,94 @@ def test_batching_and_ranks_do_not_change_the_counts(hf_folder):
     assert model.training  # left in the mode it came in
 
 
+def truncated_reference(model, rows, max_len):
+    """The independent computation for rows longer than the context: tiktoken's tokens of ctx + " " + ending,
+    the last max_len of them, one unpadded sequence per ending, the loss summed over the ending tokens kept
+    (all but the first kept token, which has nothing before it to predict it)."""
+    enc = tiktoken.get_encoding("r50k_base")
+    sums, means = [], []
+    for row in rows:
+        ctx = enc.encode_ordinary(row["ctx"])
+        s, m = [], []
+        for ending in row["endings"]:
+            end = enc.encode_ordinary(" " + ending)
+            ids = (ctx + end)[-max_len:]
+            assert len(ctx + end) > max_len  # every sequence here is cut
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]))[0][0]
+            losses = F.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]), reduction="none")
+            scored = losses[-min(len(end), len(ids) - 1):]
+            s.append(scored.sum().item())
+            m.append(scored.mean().item())
+        sums.append(s)
+        means.append(m)
+    return torch.tensor(sums, dtype=torch.float64), torch.tensor(means, dtype=torch.float64)
+
+
 def test_rows_longer_than_the_context_keep_their_ending():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
     long_row = dict(ROWS[1], ctx=ROWS[1]["ctx"] * 5)
     summed, mean = hellaswag.ending_losses(model, [long_row], "cpu")
     assert torch.isfinite(summed).all() and (summed > 0).all()
+    # against the truncated rows scored by hand; one ending alone longer than the context, next to short ones
+    longest = dict(ROWS[2], ctx=ROWS[2]["ctx"] * 4, endings=ROWS[2]["endings"][:3] + ["and then " * 12])
+    rows = [long_row, longest]
+    summed, mean = hellaswag.ending_losses(model, rows, "cpu")
+    want_sum, want_mean = truncated_reference(model, rows, 16)
+    torch.testing.assert_close(summed.double(), want_sum, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-4, atol=1e-4)
+
+
+BAD_ROWS = {  # the second line of the file; what today's message must say about it
+    "endings-a-string": (json.dumps(dict(ROWS[0], endings="abcd")), 'endings is "abcd", not a list of 4 strings'),
+    "endings-not-strings": (json.dumps(dict(ROWS[0], endings=[1, 2, 3, 4])),
+                            "endings is [1, 2, 3, 4], not a list of 4 strings"),
+    "three-endings": (json.dumps(dict(ROWS[0], endings=["a", "b", "c"])), "not a list of 4 strings"),
+    "no-endings": (json.dumps({"ctx": "x", "label": 0}), "(no endings)"),
+    "label-4": (json.dumps(dict(ROWS[0], label=4)), "label is 4, not an integer 0-3"),
+    "label-float": (json.dumps(dict(ROWS[0], label=2.7)), "label is 2.7, not an integer 0-3"),
+    "label-bool": (json.dumps(dict(ROWS[0], label=True)), "label is true, not an integer 0-3"),
+    "label-word": (json.dumps(dict(ROWS[0], label="two")), 'label is "two", not an integer 0-3'),
+    "no-ctx": (json.dumps({k: v for k, v in ROWS[0].items() if k != "ctx"}), "(no ctx string)"),
+    "ctx-number": (json.dumps(dict(ROWS[0], ctx=5)), "ctx is 5, not a string"),
+    "not-utf8": (b'{"ctx": "caf\xe9", "label": 0, "endings": ["a", "b", "c", "d"]}', "not UTF-8: bad byte 13 of"),
+    "not-json": ('{"ctx": "cut here', "(not JSON)"),
+    "an-array": ("[1, 2]", "([1, 2] is not a JSON object)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_a_malformed_row_is_one_line_naming_the_file_and_line(tmp_path, capsys, case):
+    line, message = BAD_ROWS[case]
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(json.dumps(ROWS[1]).encode() + b"\n" + (line if isinstance(line, bytes) else line.encode())
+                     + b"\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")  # never reached: the rows are checked first
+    assert evaluate_cmd.main(["hellaswag", "--init", str(run), "--data", str(data), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {data}, line 2: not a HellaSwag row"), err
+    assert message in err[0], err
+
+
+def test_a_string_label_as_hugging_face_stores_it_is_read_as_an_integer(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(dict(ROWS[0], label="3")) + "\n")
+    assert hellaswag.load_examples(data)[0]["label"] == 3
+
+
+def test_the_rows_a_run_evaluates_are_read_again_when_the_file_changes(tmp_path):
+    from omegaconf import OmegaConf
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    train_cfg = OmegaConf.create({"hellaswag_data": str(data), "hellaswag_limit": None})
+    assert [r["ind"] for r in hellaswag.examples_for_training(train_cfg)] == [24, 92]
+    # a sweep runs its jobs in one process: the next job must see the file as it is now
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[2:4]))
+    assert [r["ind"] for r in hellaswag.examples_for_training(train_cfg)] == [106, 7]
 
 
 def test_the_command_on_a_run_folder_writes_json(tmp_path, rows_file, capsys):

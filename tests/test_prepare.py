@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,106 @@ def test_the_hub_offline_is_a_one_line_error_naming_the_fix(tmp_path, capsys, mo
     assert rc == 2 and err[-1].startswith("error: could not open HuggingFaceFW/fineweb-edu (sample-10BT)"), err
     assert "--source" in err[-1]
     assert not list((tmp_path / "out").glob("*.npy"))
+
+
+# ---- sources that are damaged, and sources that changed under a resume -------------------------------
+
+def bad_source(tmp_path: Path, case: str) -> Path:
+    """A source file whose second document (line 2) is bad in the way `case` names."""
+    good = json.dumps({"text": DOCS[0]}).encode() + b"\n"
+    lines = {"latin-1": b'{"text": "caf\xe9"}\n', "array": b'["a", "list"]\n', "null-text": b'{"text": null}\n',
+             "number-text": b'{"text": 7}\n', "no-text": b'{"body": "hello"}\n', "cut-json": b'{"text": "a\n'}
+    if case in lines:
+        path = tmp_path / f"{case}.jsonl"
+        path.write_bytes(good + lines[case])
+    elif case == "truncated-gz":
+        path = tmp_path / "docs.jsonl.gz"
+        packed = gzip.compress(good * 200)
+        path.write_bytes(packed[:len(packed) // 2])
+    elif case == "not-gz":
+        path = tmp_path / "docs.jsonl.gz"
+        path.write_bytes(good * 3)
+    else:  # zstd: not a format prepare reads
+        path = tmp_path / "docs.jsonl.zst"
+        path.write_bytes(b"\x28\xb5\x2f\xfd" + good)
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("latin-1", "latin-1.jsonl, line 2: not UTF-8 (bad byte 14 of the line)"),
+    ("array", "array.jsonl, line 2: an array, not a JSON object"),
+    ("null-text", "null-text.jsonl, line 2: 'text' is null, not a string"),
+    ("number-text", "number-text.jsonl, line 2: 'text' is a number, not a string"),
+    ("no-text", "no-text.jsonl, line 2: no 'text' field (it has body)"),
+    ("cut-json", "cut-json.jsonl, line 2: not JSON"),
+    ("truncated-gz", "docs.jsonl.gz: the gzip data ends early after line"),
+    ("not-gz", "docs.jsonl.gz: not gzip data, despite its name"),
+    ("zstd", "docs.jsonl.zst: not a .parquet, .jsonl, .json, .jsonl.gz, .json.gz file"),
+])
+def test_a_damaged_source_file_is_one_line_naming_it_and_its_line(tmp_path, capsys, case, message):
+    source = bad_source(tmp_path, case)
+    out = tmp_path / "out"
+    rc = prepare.main(["fineweb_edu", "--source", str(source), "--out", str(out), "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"error: --source {tmp_path}/") and message in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists() or not any(out.iterdir())  # nothing written from a source that could not be read
+
+
+def test_a_null_in_a_parquet_text_column_names_its_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b", None]}), tmp_path / "docs.parquet")
+    with pytest.raises(UsageError, match=r"docs.parquet, row 2: 'text' is null, not a string"):
+        prep(tmp_path / "docs.parquet", tmp_path / "out", workers=1)
+
+
+def folder_state(folder: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("change, message", [
+    ("gained", "(b.jsonl is new)"),
+    ("lost", "(c.jsonl is gone)"),
+    ("edited", "(c.jsonl changed)"),  # the same size: only its content hash differs
+])
+def test_a_resume_after_the_source_changed_is_refused_and_touches_nothing(tmp_path, capsys, change, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", DOCS[:20])
+    write_jsonl(src / "c.jsonl", DOCS[20:])
+    out = tmp_path / "out"
+    argv = ["fineweb_edu", "--source", str(src), "--out", str(out), "--shard-tokens", "500", "--workers", "1"]
+    assert prepare.main(argv + ["--max-shards", "2"]) == 0
+    before = folder_state(out)
+    if change == "gained":  # sorted between a and c: every later document would move
+        write_jsonl(src / "b.jsonl", DOCS[:5])
+    elif change == "lost":
+        (src / "c.jsonl").unlink()
+    else:
+        text = (src / "c.jsonl").read_text(encoding="utf-8")
+        size = (src / "c.jsonl").stat().st_size
+        (src / "c.jsonl").write_text(text.replace("Document 2", "Document 7"), encoding="utf-8")
+        assert (src / "c.jsonl").stat().st_size == size
+    capsys.readouterr()
+    assert prepare.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the source changed since the shards in --out {out} were "
+                                               f"made {message}") and "--restart" in err[0], err
+    assert folder_state(out) == before  # no shard, no manifest rewritten
+
+    # --restart starts over: the shards are those of a fresh run on the source as it is now
+    assert prepare.main(argv + ["--restart"]) == 0
+    prep(src, tmp_path / "fresh", workers=1)
+    assert [p.read_bytes() for p in shards_of(out)] == [p.read_bytes() for p in shards_of(tmp_path / "fresh")]
+
+
+def test_a_resume_from_a_copied_source_with_new_mtimes_goes_on(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl")
+    prep(src, tmp_path / "full", workers=1)
+    out = tmp_path / "out"
+    prep(src, out, workers=1, max_shards=2)
+    os.utime(src, ns=(1, 1))  # as `cp` without -p leaves it: new mtime, same bytes (hashed again, found equal)
+    assert prep(src, out, workers=1)["complete"]
+    assert [p.read_bytes() for p in shards_of(out)] == [p.read_bytes() for p in shards_of(tmp_path / "full")]

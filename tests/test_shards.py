@@ -10,6 +10,7 @@ import torch
 
 from gpt2.checkpoint import CHECKPOINT_NAME
 from gpt2.errors import UsageError
+from gpt2.data import build_data
 from gpt2.shards import ShardLoader, find_shards, shard_name, write_shard
 from gpt2.train import train
 from test_config import compose_with
@@ -110,6 +111,82 @@ def test_missing_or_bad_shards_are_one_line_errors(tmp_path, case, message):
     with pytest.raises(UsageError) as e:
         run_on_shards(tmp_path, folder, "train.steps=1")
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def damage(path: Path, how: str) -> None:
+    """Turn a good uint16 shard into one of the bad files a shard folder can hold."""
+    raw = path.read_bytes()
+    header = len(raw) - 2 * len(np.load(path))
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "not-npy":
+        path.write_text("token,count\n50256,1\n")
+    elif how == "header-cut":
+        path.write_bytes(raw[:40])
+    elif how == "truncated":
+        path.write_bytes(raw[:header + 11])  # a copy cut short, mid-token
+    elif how == "trailing-bytes":
+        path.write_bytes(raw + b"\0" * 6)  # np.load ignores these; a whole shard never has them
+    elif how in ("int32", "2-D", "big-endian"):
+        arr = np.load(path)
+        np.save(path, {"int32": arr.astype(np.int32), "2-D": arr[:40].reshape(2, 20),
+                       "big-endian": arr.astype(">u2")}[how])
+
+
+@pytest.mark.parametrize("how, message", [
+    ("empty", "is not a readable .npy token shard (the file is empty)"),
+    ("not-npy", "is not a readable .npy token shard (the magic string is not correct"),
+    ("header-cut", "is not a readable .npy token shard (EOF: reading array header"),
+    ("truncated", "is cut short: 139 bytes, but its header's 50 tokens take 228"),
+    ("trailing-bytes", "is longer than its header says: 234 bytes, but its header's 50 tokens take 228"),
+    ("int32", "holds a int32 array of shape (50,), not 1-D uint16 GPT-2 tokens"),
+    ("2-D", "holds a uint16 array of shape (2, 20), not 1-D uint16 GPT-2 tokens"),
+    ("big-endian", "holds a >u2 array of shape (50,), not 1-D uint16 GPT-2 tokens"),
+])
+def test_a_damaged_shard_file_is_refused_when_opened_naming_it(tmp_path, how, message):
+    folder = tmp_path / "shards"
+    bad = make_shards(folder)[1]  # edufineweb_train_000002.npy, 50 tokens
+    damage(bad, how)
+    before = bad.read_bytes()
+    with pytest.raises(UsageError) as e:
+        run_on_shards(tmp_path, folder, "train.steps=1")
+    assert str(e.value).startswith(f"{bad} ") and message in str(e.value), str(e.value)
+    assert "\n" not in str(e.value) and "delete it and run `python -m gpt2.prepare" in str(e.value)
+    assert bad.read_bytes() == before  # reported, never repaired or removed
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_token_id_outside_the_vocabulary_is_refused_before_the_first_step(tmp_path, split):
+    # today's failure: an IndexError at the shard's batch, hours in (here: step 10 of 12)
+    folder = tmp_path / "shards"
+    paths = make_shards(folder, sizes=[300, 300])
+    bad = paths[1] if split == "train" else folder / shard_name("edufineweb", 0)
+    tokens = np.load(bad)
+    tokens[[250, 260]] = [60000, 50257]  # 50257: the first id past GPT-2's 50257 (0 ... 50256)
+    write_shard(bad, tokens)
+    with pytest.raises(UsageError) as e:
+        run_on_shards(tmp_path, folder, "train.steps=12", "train.val_every=0")
+    assert str(e.value).startswith(f"{bad} holds token id 60,000 at position 250 (and 1 more), outside the "
+                                   f"model's vocabulary of 50,257 GPT-2 ids"), str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "run" / CHECKPOINT_NAME).exists()
+
+
+def test_the_vocabulary_limit_is_the_models_and_its_edge_is_exact(tmp_path):
+    folder = tmp_path / "shards"
+    paths = make_shards(folder, sizes=[300, 300])
+    cfg = compose_with(["data=fineweb_edu", *TINY, f"data.shards_dir={folder}"])
+    build_data(cfg, 2, 16)  # the ids 0 ... 599 and < 50257 in the val shard: all below the default
+    tokens = np.load(paths[1])
+    tokens[5] = 50256  # <|endoftext|>, the last GPT-2 id: fine
+    write_shard(paths[1], tokens)
+    build_data(cfg, 2, 16)
+    with pytest.raises(UsageError, match=rf"{paths[0].name} holds token id 299 at position 299, outside the "
+                                         "model's vocabulary of 299 GPT-2 ids"):
+        build_data(cfg, 2, 16, vocab_size=299)
+    loader = ShardLoader([np.arange(10, dtype=np.uint16)], 2, 4, names=["mine"], vocab_size=10)
+    assert loader.n_tokens == 10
+    with pytest.raises(UsageError, match="mine holds token id 9 at position 9"):
+        ShardLoader([np.arange(10, dtype=np.uint16)], 2, 4, names=["mine"], vocab_size=9)
 
 
 # ---- runs ----------------------------------------------------------------------------------------

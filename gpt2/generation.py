@@ -25,6 +25,8 @@ How it works:
   step runs `decode_step` below, the model's own blocks written out with transposed copies of the weights
   (made once per model and kept while its weights are unchanged; they cost one more copy of the weights in
   memory). The prompt, and every window re-read, go through the model itself. Tests hold both to the same tokens.
+- Logprobs (OpenAI's `logprobs`): log_softmax of the raw logits of each step, only when asked for; the
+  prompt's own (`echo`) take one more forward pass over it. See gpt2/logprobs.py.
 - Randomness: `seed` gives each row its own generator, seeded seed + row, so a row's text does not depend on
   what else is in the batch (row i of a batch = that prompt alone with seed + i; seeds count modulo 2**64,
   as torch's do, so any integer is a seed). `generator=` (one
@@ -38,6 +40,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch.nn import functional as F
+
+from .logprobs import complete_chars, score_prompts, step_logprobs
 
 EOT = 50256  # <|endoftext|>
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (see the module's docstring)
@@ -194,14 +198,26 @@ def check_prompt_ids(prompts, vocab: int) -> None:
                              f"ids (0..{vocab - 1})")
 
 
-@torch.no_grad()
-def stream(model, prompts, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
-           top_p: Optional[float] = None, seed: Optional[int] = None, generator=None,
-           use_cache: bool = True, cancel=None) -> Iterator[torch.Tensor]:
+def stream(model, prompts, max_new_tokens: int, **sampling) -> Iterator[torch.Tensor]:
     """Yield the (B,) next ids, one step at a time, for the prompts (lists of ids, or a (B, T) tensor).
+    `sampling`: temperature, top_k, top_p, seed, generator, use_cache, cancel.
 
     Stopping is the caller's: stop iterating (rows that are done are still stepped until all are), or set
     `cancel` (a threading.Event, read before every forward pass) from another thread."""
+    steps = _steps(model, prompts, max_new_tokens, **sampling)
+    try:
+        for next_id, _ in steps:
+            yield next_id.view(-1)
+    finally:
+        steps.close()
+
+
+@torch.no_grad()
+def _steps(model, prompts, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, seed: Optional[int] = None, generator=None,
+           use_cache: bool = True, cancel=None, logprobs: Optional[int] = None) -> Iterator[tuple]:
+    """Yield ((B, 1) next ids, their TokenLogprobs or None) per step. `logprobs`: None, or how many of the
+    likeliest tokens each TokenLogprob lists (0..); None costs nothing per step."""
     device = next(model.parameters()).device
     if torch.is_tensor(prompts):
         ids, valid = prompts.to(device), torch.ones_like(prompts, dtype=torch.bool, device=device)
@@ -239,7 +255,8 @@ def stream(model, prompts, max_new_tokens: int, *, temperature: float = 1.0, top
         next_id = sample_next(logits[:, -1, :vocab], temperature, top_k, top_p, generator)
         ids = torch.cat((ids, next_id), dim=1)
         valid = torch.cat((valid, torch.ones_like(next_id, dtype=torch.bool)), dim=1)
-        yield next_id.view(-1)
+        # the raw distribution (before temperature, top-k, top-p), as OpenAI reports it: gpt2/logprobs.py
+        yield next_id, None if logprobs is None else step_logprobs(logits[:, -1, :vocab], next_id, logprobs)
 
 
 def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
@@ -248,7 +265,7 @@ def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> tor
     return torch.cat(steps, dim=1)
 
 
-# ---- text: stop strings, streamed pieces -------------------------------------------------------------
+# ---- text: stop strings, streamed pieces, echo and logprobs -------------------------------------------
 
 @dataclass
 class Completion:
@@ -256,23 +273,35 @@ class Completion:
     tokens: list = field(default_factory=list)  # the new ids (up to and without a stop token)
     finish_reason: Optional[str] = None  # "stop" (a stop token or string) or "length" (max_new_tokens)
     prompt_tokens: int = 0
+    stop_token: Optional[int] = None  # the stop id that ended the row, if one did
+    logprobs: Optional[list] = None  # TokenLogprobs when asked for: the echoed prompt's, then every new id's
+
+    @property
+    def completion_tokens(self) -> int:
+        """The ids generated: `tokens` and the stop token, which was sampled like any other (as vLLM and
+        transformers count it)."""
+        return len(self.tokens) + (self.stop_token is not None)
 
 
 class _Row:
     """One row's text so far: which part may be shown yet, and whether a stop string has ended it."""
 
-    def __init__(self, stop: Sequence[str], decode, prompt_tokens: int):
+    def __init__(self, stop: Sequence[str], decode, prompt_tokens: int, prompt_chars: int = 0):
         self.stop, self.decode = [s for s in stop if s], decode
         self.out = Completion(prompt_tokens=prompt_tokens)
         self.shown = 0  # characters handed out
+        self.decoded, self.prompt_chars = "", prompt_chars  # all new ids decoded; where their text starts
 
-    def add(self, token: int, stop_ids) -> str:
-        """Take one new token; return the text that is now safe to show."""
+    def add(self, token: int, stop_ids, logprob=None) -> str:
+        """Take one new token (and its TokenLogprob, when asked for); return the text that is now safe to show."""
+        if logprob is not None:
+            logprob.offset = self.prompt_chars + complete_chars(self.decoded)
+            self.out.logprobs.append(logprob)
         if token in stop_ids:
-            self.out.finish_reason = "stop"
+            self.out.finish_reason, self.out.stop_token = "stop", token
             return self.flush()
         self.out.tokens.append(token)
-        text = self.decode(self.out.tokens)
+        text = self.decoded = self.decode(self.out.tokens)
         hits = [i for i in (text.find(s, max(0, self.shown - len(s))) for s in self.stop) if i >= 0]
         if hits:
             self.out.text, self.out.finish_reason = text[:min(hits)], "stop"
@@ -300,30 +329,41 @@ def _encode_all(prompts, encode):
 
 def stream_text(model, prompts: Sequence[Union[str, Sequence[int]]], max_new_tokens: int, *,
                 stop: Sequence[str] = (), stop_ids: Sequence[int] = (EOT,), encode=None, decode=None,
-                results: Optional[list] = None, **sampling) -> Iterator[tuple]:
+                results: Optional[list] = None, echo: bool = False, logprobs: Optional[int] = None,
+                **sampling) -> Iterator[tuple]:
     """Yield (row, text piece, finish_reason or None) as text is produced; each row ends with one item whose
     finish_reason is set. Prompts are text (or lists of ids); `sampling`: temperature, top_k, top_p, seed,
     generator, use_cache, cancel (see `stream`). The stop string itself is never shown. `results`, a list, receives
-    one Completion per row (text, tokens, finish_reason, prompt_tokens), filled in as the rows go."""
+    one Completion per row (text, tokens, finish_reason, prompt_tokens, ...), filled in as the rows go.
+    `echo`: each row first yields its prompt's text (which Completion.text leaves out). `logprobs` (k >= 0):
+    each Completion's `logprobs` gets a TokenLogprob per new id (the stop token too) as it comes, after the
+    prompt's own when echoing (gpt2/logprobs.py); offsets count characters from the start of the prompt."""
     encode, decode = _tokenizer(encode, decode)
     ids = _encode_all(prompts, encode)
-    rows = [_Row(stop, decode, len(p)) for p in ids]
+    texts = [decode(p) if echo or logprobs is not None else "" for p in ids]
+    rows = [_Row(stop, decode, len(p), len(text)) for p, text in zip(ids, texts)]
     if results is not None:
         results.extend(row.out for row in rows)
+    if logprobs is not None:  # each row's logprobs start empty, or (echo) with its prompt's
+        for row, scored in zip(rows, score_prompts(model, ids, logprobs, decode) if echo else [[]] * len(rows)):
+            row.out.logprobs = list(scored)
+    if echo:
+        for i, text in enumerate(texts):
+            yield i, text, None
     stop_ids = set(stop_ids)
     if max_new_tokens <= 0:
         for i, row in enumerate(rows):
             row.out.finish_reason = "length"
             yield i, "", "length"
         return
-    tokens = stream(model, ids, max_new_tokens, **sampling)
+    steps = _steps(model, ids, max_new_tokens, logprobs=logprobs, **sampling)
     try:
-        for step, next_ids in enumerate(tokens, start=1):
-            for i, token in enumerate(next_ids.tolist()):
+        for step, (next_ids, scored) in enumerate(steps, start=1):
+            for i, token in enumerate(next_ids.view(-1).tolist()):
                 row = rows[i]
                 if row.out.finish_reason:
                     continue
-                piece = row.add(token, stop_ids)
+                piece = row.add(token, stop_ids, None if scored is None else scored[i])
                 if not row.out.finish_reason and step == max_new_tokens:
                     row.out.finish_reason = "length"
                     piece += row.flush()
@@ -332,7 +372,7 @@ def stream_text(model, prompts: Sequence[Union[str, Sequence[int]]], max_new_tok
             if all(r.out.finish_reason for r in rows):
                 break
     finally:
-        tokens.close()  # a caller that stops listening stops the generation
+        steps.close()  # a caller that stops listening stops the generation
 
 
 def complete(model, prompts: Sequence[Union[str, Sequence[int]]], max_new_tokens: int, **kwargs) -> list:

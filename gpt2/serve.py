@@ -5,7 +5,8 @@
 
     GET  /                 the page: prompt, sampling controls, Generate, the text as it streams in
     GET  /v1/models        the one model
-    POST /v1/completions   OpenAI's completions request and response (stream: server-sent events, then [DONE])
+    POST /v1/completions   OpenAI's completions request and response (stream: server-sent events, then [DONE]);
+                           logprobs, echo, n, seed, stop, usage and finish_reason as OpenAI's: gpt2/serve_response.py
     GET  /info             what is loaded: run folder, stage, steps, validation loss
 
 Needs the `serve` extra: pip install -e ".[serve]". It listens on 127.0.0.1; safe to put on a network with an

@@ -3,9 +3,9 @@ before any generation starts, each refusal a RequestError that names the field a
 
 The body is read up to a byte limit (413), parsed as strict JSON (no NaN or Infinity, too deep a nesting is
 an error, not a crash), then every field is checked: types (a boolean is not a number), ranges (64-bit
-seeds, token ids of the served model's vocabulary), and the caps that bound one request's work: new tokens,
-characters per prompt (checked before tokenizing), tokens per prompt, completions per request (prompts x n),
-stop strings and their length. Fields this server does not know are ignored, as OpenAI does.
+seeds, token ids of the served model's vocabulary, logprobs 0..5), and the caps that bound one request's
+work: new tokens, characters per prompt (checked before tokenizing), tokens per prompt, completions per
+request (prompts x n), stop strings and their length. Fields this server does not know are ignored, as OpenAI does.
 """
 
 import json
@@ -16,6 +16,7 @@ from typing import Optional
 
 from .generation import SEED_SPACE
 
+MAX_LOGPROBS = 5  # the likeliest tokens listed per token, at most: OpenAI's limit
 CHARS_PER_TOKEN = 32  # a prompt may hold this many characters per token of context (English: about 4)
 
 
@@ -62,6 +63,7 @@ class Completion:
     stream: bool = False
     seed: int = 0
     echo: bool = False
+    logprobs: Optional[int] = None  # how many of the likeliest tokens to list per token (0..5); None: off
 
     @property
     def rows(self) -> list:
@@ -213,16 +215,16 @@ def parse_completion(raw: bytes, limits: Limits, encode) -> Completion:
     body = parse_json(raw)
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    prompts = _prompt_list(body, limits)
+    prompts, echo = _prompt_list(body, limits), _flag(body, "echo")
     request = Completion(
-        prompts=[], stop=_stop(body, limits), stream=_flag(body, "stream"), echo=_flag(body, "echo"), seed=_seed(body),
-        max_tokens=_number(body, "max_tokens", 16, 1, limits.max_tokens, integer=True),
+        prompts=[], stop=_stop(body, limits), stream=_flag(body, "stream"), echo=echo, seed=_seed(body),
+        # 0 new tokens only with echo: the prompt scored (logprobs), as lm-evaluation-harness asks
+        max_tokens=_number(body, "max_tokens", 16, 0 if echo else 1, limits.max_tokens, integer=True),
+        logprobs=_number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True),
         temperature=_number(body, "temperature", 1.0, 0, 2),
         top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True),
         top_k=_number(body, "top_k", None, 1, 1 << 30, integer=True),  # not OpenAI's; as vLLM takes it
         n=_number(body, "n", 1, 1, limits.max_batch, integer=True))
-    if body.get("logprobs") is not None:  # refused rather than answered with null, which reads as "none"
-        raise RequestError("'logprobs' is not supported by this server: leave it out or send null", "logprobs")
     if len(prompts) * request.n > limits.max_batch:
         raise RequestError(f"{len(prompts)} prompts x n={request.n} is {len(prompts) * request.n} completions; at "
                            f"most {limits.max_batch} per request (the server's --max-batch)", "n")

@@ -38,8 +38,9 @@ class Slots:
 
 
 class Generation:
-    """One request's generation in a worker thread. `pieces()` streams (row, text, finish_reason); `finish()`
-    waits for the end; `cancel()` stops it before its next forward pass. Holds a slot until the thread ends."""
+    """One request's generation in a worker thread. `pieces()` streams (row, text, finish_reason, logprobs);
+    `finish()` waits for the end; `cancel()` stops it before its next forward pass. Holds a slot until the
+    thread ends."""
 
     def __init__(self, model, request: Completion, slots: Slots, name: str, *, streaming: bool):
         slots.take()  # 429 here, before any thread or response exists
@@ -51,12 +52,13 @@ class Generation:
         self.thread.start()
 
     def _run(self):
-        r = self.request
+        r, sent = self.request, [0] * len(self.request.rows)
         try:
-            for item in stream_text(self.model, r.rows, r.max_tokens, stop=r.stop, stop_ids=(EOT,),
-                                    results=self.results, cancel=self.cancelled, **r.sampling):
+            for i, piece, reason in stream_text(self.model, r.rows, r.max_tokens, stop=r.stop, stop_ids=(EOT,),
+                                                results=self.results, cancel=self.cancelled, echo=r.echo,
+                                                logprobs=r.logprobs, **r.sampling):
                 if self.streaming:
-                    self._post(self.queue.put_nowait, item)
+                    self._post(self.queue.put_nowait, (i, piece, reason, self._new_logprobs(i, sent)))
         except Exception as e:  # the operator's log gets the traceback, the client one line
             log.exception("generation %s failed", self.thread.name)
             self.error = e
@@ -64,6 +66,14 @@ class Generation:
             self.slots.give_back()
             self._post(self.queue.put_nowait, None)
             self._post(self.done.set)
+
+    def _new_logprobs(self, i: int, sent: list):
+        """Row i's TokenLogprobs since its last piece (None when not asked for), read in the generating thread."""
+        if self.request.logprobs is None:
+            return None
+        new = self.results[i].logprobs[sent[i]:]
+        sent[i] += len(new)
+        return new
 
     def _post(self, call, *args):
         try:
@@ -75,7 +85,8 @@ class Generation:
         self.cancelled.set()
 
     async def pieces(self):
-        """(row, text piece, finish_reason or None) as they come, until the generation ends."""
+        """(row, text piece, finish_reason or None, TokenLogprobs of its tokens or None) as they come, until the
+        generation ends. With echo, each row's first piece is its prompt."""
         while (item := await self.queue.get()) is not None:
             yield item
 

@@ -298,3 +298,38 @@ def test_sample_smaller_vocabulary(tmp_path):
     assert "token id 15496" in error and "vocabulary of 1000" in error
     ok = run_sample("--init", str(tmp_path), "--prompt", "a", "--num-samples", "2", "--max-new-tokens", "5")
     assert ok.returncode == 0 and ok.stdout.count(">> a") == 2, ok.stderr
+
+
+def test_logprobs_are_the_raw_distribution_and_cost_nothing_when_off(monkeypatch):
+    model, (encode, decode) = tiny(), fake_tokenizer()
+    ps = prompts((3, 9))  # left-padded together
+    rows = complete(model, ps, 6, temperature=0.8, top_k=30, seed=2, logprobs=4, encode=encode, decode=decode,
+                    stop_ids=())
+    for p, row in zip(ps, rows):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([p + row.tokens]))  # alone, no cache, no padding
+        expected = torch.log_softmax(logits[0, :, :100], dim=-1)  # the tokenizer's 100 ids, not the table's 128
+        assert [e.token for e in row.logprobs] == row.tokens and row.completion_tokens == 6
+        for j, e in enumerate(row.logprobs):
+            at = expected[len(p) - 1 + j]  # before temperature and top-k
+            assert e.logprob == pytest.approx(at[e.token].item(), abs=1e-5)
+            assert [t for t, _ in e.top] == at.topk(4).indices.tolist() and e.offset == len(p) + j
+    pieces = list(stream_text(model, ps, 3, echo=True, logprobs=0, seed=2, encode=encode, decode=decode,
+                              stop_ids=()))
+    assert pieces[:2] == [(0, decode(ps[0]), None), (1, decode(ps[1]), None)]  # echo: the prompts come first
+    monkeypatch.setattr("gpt2.generation.step_logprobs", lambda *a: pytest.fail("logprobs computed when off"))
+    off = complete(model, ps, 6, temperature=0.8, top_k=30, seed=2, encode=encode, decode=decode, stop_ids=())
+    assert [r.tokens for r in off] == [r.tokens for r in rows] and off[0].logprobs is None
+
+
+def test_echo_logprobs_score_the_prompt():
+    model, (encode, decode) = tiny(), fake_tokenizer()
+    p = prompts((5,))[0]
+    row = complete(model, [p], 2, temperature=0, echo=True, logprobs=1, encode=encode, decode=decode,
+                   stop_ids=())[0]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([p]))[0][0, :, :100], dim=-1)
+    assert [e.token for e in row.logprobs] == p + row.tokens and row.logprobs[0].logprob is None
+    assert [e.logprob for e in row.logprobs[1:5]] == pytest.approx([expected[j - 1, p[j]].item() for j in range(1, 5)],
+                                                                   abs=1e-5)
+    assert [e.offset for e in row.logprobs] == list(range(7))

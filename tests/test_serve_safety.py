@@ -199,7 +199,7 @@ HOSTILE = [
     b'{"prompt": "hi", "seed": ' + b"7" * 5000 + b"}",  # past Python's 4300-digit limit
     b'{"prompt": "hi", "max_tokens": true}', b'{"prompt": "hi", "temperature": false}',
     b'{"prompt": "hi", "n": true}', b'{"prompt": [true, false]}', b'{"prompt": "hi", "seed": true}',
-    b'{"prompt": "hi", "echo": [1]}', b'{"prompt": "hi", "stream": 1}', b'{"prompt": "hi", "logprobs": 2}',
+    b'{"prompt": "hi", "echo": [1]}', b'{"prompt": "hi", "stream": 1}', b'{"prompt": "hi", "logprobs": 6}',
     b'\xff\xfe\x00garbage', b"null", b"[1, 2]", b"",
 ]
 

@@ -52,7 +52,13 @@ class CancelOnInterrupt:
         """Cancel the jobs, give them a moment to stop (each saves its current step and writes summary.json
         "interrupted", as on a SIGTERM), then write the report as Hydra would have, and exit non-zero."""
         for j in jobs:
-            j.cancel(check=False)  # local: SIGINT to the job's process; SLURM: scancel (SIGTERM, later SIGKILL)
+            controller = getattr(j, "_process", None)  # submitit's LocalJob: the process that runs the job's tasks
+            if controller is not None:
+                # it passes SIGTERM on to the tasks and waits for them; on the SIGINT of LocalJob.cancel it kills
+                # them 1 s later, before they have saved their step
+                controller.send_signal(signal.SIGTERM)
+            else:
+                j.cancel(check=False)  # SLURM: scancel (SIGTERM, later SIGKILL)
         print(f"interrupted: cancelled the {len(jobs)} job(s) this sweep submitted "
               f"({', '.join(str(j.job_id) for j in jobs) or 'none yet'}); the report covers what they saved",
               file=sys.stderr, flush=True)

@@ -27,24 +27,22 @@ Rules a reader can check:
   run validated more than once, `val loss (best)` (the lowest) follows; where some run ran HellaSwag, its acc_norm,
   last and best (highest); report.csv then gains EVAL_COLUMNS, and the chart a panel for each. GPT-2 124M's
   published figures (report_rules.PUBLISHED) appear only in the reference section and as labelled chart lines.
+- Bad input: a summary.json that cannot be trusted (not JSON, a number past 64 bits, NaN, a string for a number)
+  is one row `unreadable: <why>` with no figures (gpt2/report_input.py); the other rows are as ever. Names,
+  errors and commands are text in report.md, never markup (report_rules.md_text: pipes, HTML, backticks).
 """
 
 import argparse
-import json
-import logging
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from gpt2 import report_rules as rules
+from gpt2 import report_cells as cells, report_input, report_rules as rules
 from gpt2.errors import UsageError
 from gpt2.report_chart import plot
-
-log = logging.getLogger(__name__)
 
 # read from summary.json, in report.csv order
 FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
@@ -71,17 +69,20 @@ HEADER_FIELDS = [("device", "device"), ("torch", "torch_version"), ("CUDA", "cud
                  ("MFU peak source", "mfu_peak_source"), ("peak memory", "peak_mem_kind")]
 
 
-def _read_summary(run_dir: Path):
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError) as e:
-        log.warning("%s: no readable summary.json (%s); shown as incomplete", run_dir, e.__class__.__name__)
-        return None
-    if not isinstance(summary, dict):
-        log.warning("%s: summary.json holds a %s, not a run's summary; shown as incomplete", run_dir,
-                    type(summary).__name__)
-        return None
-    return summary
+def _row(d: Path, folder: Path) -> dict:
+    """The report's fields of one run folder; a run without a usable summary keeps only its stage and status."""
+    job, stage = report_input.job_and_stage(d, d != folder)
+    summary, problem = report_input.read_summary(d)
+    if summary is None:
+        summary = {"stage": stage, "status": f"unreadable: {problem}" if problem else "incomplete",
+                   "error": None if problem else "no summary.json (process killed?)"}
+    row = {k: summary.get(k) for k in FIELDS + ["hellaswag_acc_norm"]}
+    row["job"] = job if job is not None else summary.get("job_num")
+    row["stage"] = row["stage"] or stage
+    if row["status"] in (None, "running"):
+        row["status"] = "incomplete"
+    row["path"] = str(d.resolve())
+    return row
 
 
 def load_runs(folder) -> pd.DataFrame:
@@ -94,28 +95,15 @@ def load_runs(folder) -> pd.DataFrame:
     else:  # a sweep: job folders hold summary.json, or at least Hydra's files if the process was killed
         candidates = [d for d in sorted(folder.iterdir()) if d.is_dir() and any(
             (d / f).exists() for f in ("summary.json", "metrics.jsonl", ".hydra"))]
-    rows = []
-    for d in candidates:
-        m = re.match(r"^(\d+)_(.+)$", d.name) if d != folder else None  # Hydra job folder: <num>_<stage>
-        job, stage = (int(m.group(1)), m.group(2)) if m else (None, d.name)
-        summary = _read_summary(d) or {"stage": stage, "status": "incomplete",
-                                       "error": "no summary.json (process killed?)"}
-        row = {k: summary.get(k) for k in FIELDS}
-        row["hellaswag_acc_norm"] = summary.get("hellaswag_acc_norm")
-        row["job"] = job if job is not None else summary.get("job_num")
-        row["stage"] = row["stage"] or stage
-        if row["status"] in (None, "running"):
-            row["status"] = "incomplete"
-        row["path"] = str(d.resolve())
-        rows.append(row)
+    rows = [_row(d, folder) for d in candidates]
     if not rows:
         raise UsageError(f"report: no runs under {folder} (expected summary.json in it or in its sub-folders)")
-    df = pd.DataFrame(rows, columns=["job"] + FIELDS + ["hellaswag_acc_norm", "path"])
+    # object columns keep Python's ints exact until they become Int64 below (a float64 column would round them)
+    df = pd.DataFrame(rows, columns=["job"] + FIELDS + ["hellaswag_acc_norm", "path"], dtype=object)
     df["_order"] = pd.to_numeric(df["job"], errors="coerce").fillna(math.inf)
     df = df.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
-    for col in NUMERIC + ["hellaswag_acc_norm"]:
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-        df[col] = df[col].round().astype("Int64") if col in INTEGER else df[col]
+    for col in NUMERIC + ["hellaswag_acc_norm"]:  # report_input checked every value: ints fit int64, floats
+        df[col] = pd.array(list(df[col]), dtype="Int64") if col in INTEGER else pd.to_numeric(df[col])
     df = _add_evals(df)
     noise = [_noise(r) for _, r in df.iterrows()]
     df["ms_iqr_rel"] = pd.array([rel for rel, _ in noise], dtype="Float64").astype(float)
@@ -126,8 +114,8 @@ def load_runs(folder) -> pd.DataFrame:
 def _add_overlaps(df: pd.DataFrame) -> pd.DataFrame:
     """`overlapped_with`: for a timed row, the rows that ran at the same time on its host and device ("; "-joined
     keys), whose load disturbed its timing (a launcher plugin that runs the stages in parallel), else ""."""
-    facts = [tuple(None if _missing(r[c]) else str(r[c]) for c in ("host", "device", "gpus", "started_at",
-                                                                   "finished_at")) for _, r in df.iterrows()]
+    columns = ("host", "device", "gpus", "started_at", "finished_at")
+    facts = [tuple(None if cells.missing(r[c]) else str(r[c]) for c in columns) for _, r in df.iterrows()]
     found = rules.overlaps(facts)
     keys = list(df["key"])
     return df.assign(overlapped_with=["; ".join(keys[j] for j in js) if js and _measured(r) else ""
@@ -136,7 +124,7 @@ def _add_overlaps(df: pd.DataFrame) -> pd.DataFrame:
 
 def _add_evals(df: pd.DataFrame) -> pd.DataFrame:
     """Final and best val loss and HellaSwag acc_norm, and how many of each metrics.jsonl holds."""
-    found = [rules.run_evals(p, None if _missing(v) else v, None if _missing(h) else h)
+    found = [rules.run_evals(p, None if cells.missing(v) else v, None if cells.missing(h) else h)
              for p, v, h in zip(df["path"], df["val_loss"], df["hellaswag_acc_norm"])]
     return df.assign(**{c: [f[c] for f in found] if c.endswith("_evals") else
                         pd.array([f[c] for f in found], dtype="Float64").astype(float)
@@ -156,16 +144,17 @@ def _noise(row):
     """(IQR / median of the steady-state step times, noisy?) of one row; (nan, None) where nothing was timed."""
     if not (_measured(row) and row["ms_per_step"] > 0):
         return math.nan, None
-    n = 0 if _missing(row["steps_measured"]) else int(row["steps_measured"])
-    low, high = (None if _missing(row[c]) else float(row[c]) for c in ("ms_per_step_min", "ms_per_step_max"))
+    n = 0 if cells.missing(row["steps_measured"]) else int(row["steps_measured"])
+    low, high = (None if cells.missing(row[c]) else float(row[c]) for c in ("ms_per_step_min", "ms_per_step_max"))
     rel, flag = rules.spread(rules.step_times(row["path"], n), n, low, high)
     return (math.nan if rel is None else rel), (None if flag is None else bool(flag))
 
 
 def _add_groups(df: pd.DataFrame) -> pd.DataFrame:
     """`_group` (index), `group` (label) and `key` (stage name unique in the folder) for every row."""
-    index, full, short = rules.groups([tuple(None if _missing(r[c]) else _fmt(r[c]) for _, c in rules.GROUP_FIELDS)
-                                       for _, r in df.iterrows()])
+    facts = [tuple(None if cells.missing(r[c]) else cells.fmt(r[c]) for _, c in rules.GROUP_FIELDS)
+             for _, r in df.iterrows()]
+    index, full, short = rules.groups(facts)
     seen, keys = {}, []
     for stage, label in zip(df["stage"], short):
         key = f"{stage} [{label}]" if label else stage
@@ -199,64 +188,6 @@ def _add_speedups(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-# ---------------------------------------------------------------- formatting
-
-def _missing(v) -> bool:
-    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
-
-
-def _flagged(v) -> bool:
-    return not _missing(v) and bool(v)
-
-
-def _fmt(v, spec="{}"):
-    if _missing(v):
-        return ""
-    return f"{v:.4g}" if spec == "{}" and isinstance(v, float) else spec.format(v)
-
-
-def _short_error(err) -> str:
-    lines = [ln.strip() for ln in ("" if _missing(err) else str(err)).splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
-    return line if len(line) <= 120 else line[:117] + "..."
-
-
-def _uniques(series):
-    return sorted({_fmt(v) for v in series if not _missing(v)})
-
-
-def _ratio(x) -> str:
-    return "" if _missing(x) else f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"
-
-
-def _ms_cell(r):
-    ms = _fmt(r["ms_per_step"], "{:.1f}")
-    if ms and not _missing(r["ms_per_step_min"]) and not _missing(r["ms_per_step_max"]):
-        ms += f" ({r['ms_per_step_min']:.1f}-{r['ms_per_step_max']:.1f})"
-    return ms
-
-
-def _mem_cell(v):
-    return "" if _missing(v) else (f"{v:.1f}" if v >= 1 else f"{v:.3g}")
-
-
-def _adds_cell(r) -> str:
-    """The stage's own text, plus what ran where the run differs from a figure it names."""
-    facts = [None if _missing(r[c]) else int(r[c]) for c in ("tokens_per_step", "grad_accum_steps", "world_size",
-                                                             "batch_size")]
-    return " ".join(x for x in (_fmt(r["adds"]), rules.adds_ran(_fmt(r["adds"]), *facts)) if x)
-
-
-def _noise_cell(r) -> str:
-    rel, flag = r["ms_iqr_rel"], r["noisy"]
-    cell = "" if _missing(rel) else f"{100 * rel:.1f}"
-    if _flagged(flag) and _missing(rel):
-        cell = f"max/min {r['ms_per_step_max'] / r['ms_per_step_min']:.1f}x"
-    return (cell + " noisy").strip() if _flagged(flag) else cell
-
-
 def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, show_reserved: bool,
            evals=(False, False), show_overlap=False) -> str:
     best_val, hellaswag = evals
@@ -270,21 +201,22 @@ def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, sh
     for i, (_, r) in enumerate(df.iterrows()):
         if i and r["stage"] not in rules.SEED_STAGES and df["stage"].iloc[i - 1] in rules.SEED_STAGES:
             rows.append(["", rules.BEYOND_THE_SEED] + [""] * (len(header) - 2))  # a line, not a run
-        prev = _ratio(r["speedup_vs_prev"])
+        prev = cells.ratio(r["speedup_vs_prev"])
         if prev and (i == 0 or df["stage"].iloc[i - 1] != r["prev_stage"]):
             prev += f" (vs {r['prev_stage']})"  # the row above failed: compare with the last ok one
-        mfu = _fmt(r["mfu"], "{:.1%}")[:-1]
+        mfu = cells.fmt(r["mfu"], "{:.1%}")[:-1]
         if mfu and mixed_mfu and r["mfu_peak_source"] == "measured":
             mfu += " (measured peak)"
-        rows.append([_fmt(r["job"]), r["stage"], _adds_cell(r)] + [_fmt(r[c]) for _, c in varying] +
-                    [_fmt(r["tokens_per_step"], "{:,}"), _ms_cell(r), _noise_cell(r),
-                     _fmt(r["tokens_per_sec"], "{:,.0f}"), _ratio(r["speedup_vs_baseline"]), prev, mfu,
-                     _mem_cell(r["peak_mem_gib"])] + ([_mem_cell(r["peak_mem_reserved_gib"])] if show_reserved else [])
-                    + [_fmt(r["final_loss"], "{:.3f}"), _fmt(r["val_loss"], "{:.3f}")]
-                    + [_fmt(r["val_loss_best"], "{:.3f}")][:best_val]
-                    + [_fmt(r[c], "{:.4f}") for c in ("hellaswag_acc_norm", "hellaswag_acc_norm_best")][:2 * hellaswag]
+        fmt, mem = cells.fmt, cells.mem_cell
+        rows.append([fmt(r["job"]), r["stage"], cells.adds_cell(r)] + [fmt(r[c]) for _, c in varying] +
+                    [fmt(r["tokens_per_step"], "{:,}"), cells.ms_cell(r), cells.noise_cell(r),
+                     fmt(r["tokens_per_sec"], "{:,.0f}"), cells.ratio(r["speedup_vs_baseline"]), prev, mfu,
+                     mem(r["peak_mem_gib"])] + ([mem(r["peak_mem_reserved_gib"])] if show_reserved else [])
+                    + [fmt(r["final_loss"], "{:.3f}"), fmt(r["val_loss"], "{:.3f}")]
+                    + [fmt(r["val_loss_best"], "{:.3f}")][:best_val]
+                    + [fmt(r[c], "{:.4f}") for c in ("hellaswag_acc_norm", "hellaswag_acc_norm_best")][:2 * hellaswag]
                     + [r["status"]]
-                    + ([_short_error(r["error"])] if show_error else [])
+                    + ([cells.short_error(r["error"])] if show_error else [])
                     + ([r["overlapped_with"]] if show_overlap else []))
     right = {"job", "tokens/step", "step IQR %", "tok/s", "vs baseline", mfu_label, "peak mem GiB",
              "peak reserved GiB", "final loss", "val loss", *EVAL_HEADER}
@@ -294,19 +226,22 @@ def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, sh
 
 def _section(df: pd.DataFrame, title: str) -> list:
     """Header (run facts, rules, command) and the measured table(s) for the runs of one folder."""
-    out, varying = [f"## {title}", ""], []
+    out, varying = [f"## {rules.md_text(title)}", ""], []
     for label, col in HEADER_FIELDS:
-        vals = _uniques(df[col])
+        vals = cells.uniques(df[col])
         if len(vals) > 1:
             varying.append((label, col))
-        out.append(f"- **{label}:** " + ("varies (see table)" if len(vals) > 1 else vals[0] if vals else "n/a"))
-    starts, ends = _uniques(df["started_at"]), _uniques(df["finished_at"])
+        out.append(f"- **{label}:** " + ("varies (see table)" if len(vals) > 1 else rules.md_text(vals[0]) if vals
+                                         else "n/a"))
+    starts, ends = cells.uniques(df["started_at"]), cells.uniques(df["finished_at"])
     if starts:
-        out.append(f"- **date:** {starts[0][:10]} (first start {starts[0]}, last finish {(ends or ['n/a'])[-1]})")
+        first, last = (rules.md_text(t) for t in (starts[0], (ends or ["n/a"])[-1]))
+        out.append(f"- **date:** {rules.md_text(starts[0][:10])} (first start {first}, last finish {last})")
     groups = list(dict.fromkeys(df["group"]))
     if len(groups) == 1:
         base = df["baseline_stage"].iloc[0]
-        against = ("no ok row to compare against" if _missing(base) else f"vs baseline = against stage `{base}`"
+        against = ("no ok row to compare against" if cells.missing(base) else
+                   f"vs baseline = against stage {rules.md_code(base)}"
                    + ("" if base == "baseline" else " (first ok stage; no ok `baseline` row)"))
     else:
         against = (f"these runs form {len(groups)} groups of different model, device, T or world size; speed-ups "
@@ -314,16 +249,17 @@ def _section(df: pd.DataFrame, title: str) -> list:
                    "one table per group")
     out.append("- **speed-ups:** by tok/s (grad-accum changes tokens per step, so ms/step ratios would mislead); "
                + against)
-    timed, flagged = df["noisy"].notna().sum(), [r.key for r in df.itertuples() if _flagged(r.noisy)]
+    timed, flagged = df["noisy"].notna().sum(), [r.key for r in df.itertuples() if cells.flagged(r.noisy)]
     out.append(f"- **noise:** a row is `noisy` when the interquartile range of its steady-state step times exceeds "
                f"{rules.NOISE_IQR:.0%} of their median (column `step IQR %`; max/min above {rules.NOISE_RANGE} where "
                f"metrics.jsonl has no step times); its ms/step, tok/s and speed-ups (and, for a noisy baseline, every "
                f"vs-baseline figure) are not to be trusted: rerun on an idle machine. Flagged: "
-               + (f"{len(flagged)} of {timed} timed rows ({', '.join(flagged)})" if flagged else
+               + (f"{len(flagged)} of {timed} timed rows ({rules.md_text(', '.join(flagged))})" if flagged else
                   f"none of {timed} timed rows"))
     overlapped = [r.key for r in df.itertuples() if r.overlapped_with]
     if overlapped:
-        out.append(f"- **overlap:** {len(overlapped)} timed row(s) ({', '.join(overlapped)}) ran at the same time as "
+        out.append(f"- **overlap:** {len(overlapped)} timed row(s) ({rules.md_text(', '.join(overlapped))}) ran at "
+                   "the same time as "
                    "other jobs of this folder on the same host and device (column `timing not comparable`): their "
                    "ms/step, tok/s, MFU and speed-ups are not comparable with each other or with runs made alone. "
                    "Rerun one job at a time (the default launcher), or give each job its own GPU "
@@ -338,17 +274,17 @@ def _section(df: pd.DataFrame, title: str) -> list:
     evals = _evaluated(df)
     if any(evals):
         out.append("- **evaluations:** " + rules.evals_note(*evals))
-    commands = _uniques(df["command"])
+    commands = cells.uniques(df["command"])
     if len(commands) == 1:
-        out += ["", "Command:", "", "```", commands[0], "```"]
+        out += ["", "Command:", ""] + rules.md_code_block(commands[0])
     elif commands:
-        out += ["", "Commands:", ""] + [f"- {r.key}: `{r.command}`" for r in df.itertuples()
-                                        if not _missing(r.command)]
-    show_error = any(_short_error(e) for e in df["error"])
+        out += ["", "Commands:", ""] + [f"- {rules.md_text(r.key)}: {rules.md_code(r.command)}" for r in df.itertuples()
+                                        if not cells.missing(r.command)]
+    show_error = any(cells.short_error(e) for e in df["error"])
     # on a GPU, what the caching allocator reserved is what must fit on the card ("fits in 24 GiB")
     show_reserved = bool(df["peak_mem_reserved_gib"].notna().any())
     for g in groups:
-        out += ([""] if len(groups) == 1 else ["", f"### {g}", ""]) + [
+        out += ([""] if len(groups) == 1 else ["", f"### {rules.md_text(g)}", ""]) + [
             _table(df[df["group"] == g], varying, mfu_label, show_error, show_reserved, evals, bool(overlapped))]
     return out + [""]
 
@@ -370,17 +306,19 @@ def _comparison(frames, labels) -> list:
     rows = []
     for key in keys:
         ratios = [tok[i][key] / tok[ref][key] if key in tok[i] and key in tok[ref] else None for i in others]
-        rows.append([key] + [_fmt(t.get(key), "{:,.0f}") for t in tok] + [_ratio(x) for x in ratios])
+        rows.append([key] + [cells.fmt(t.get(key), "{:,.0f}") for t in tok] + [cells.ratio(x) for x in ratios])
     out = ["## Device vs device", "",
-           f"tok/s per stage on each device; a ratio is tok/s on that device divided by tok/s on {labels[ref]}."]
+           f"tok/s per stage on each device; a ratio is tok/s on that device divided by tok/s on "
+           f"{rules.md_text(labels[ref])}."]
     for i in others if shared else []:
         x = tok[i][shared[0]] / tok[ref][shared[0]]
-        out.append(f"On `{shared[0]}`, {labels[i]} is {x:.1f}x faster than {labels[ref]} (by tok/s).")
-    setups = [f"model {'/'.join(_uniques(df['model'])) or 'n/a'}, B={'/'.join(_uniques(df['batch_size']))}, "
-              f"T={'/'.join(_uniques(df['seq_len']))}" for df in frames]
+        out.append(f"On {rules.md_code(shared[0])}, {rules.md_text(labels[i])} is {x:.1f}x faster than "
+                   f"{rules.md_text(labels[ref])} (by tok/s).")
+    setups = [f"model {'/'.join(cells.uniques(df['model'])) or 'n/a'}, B={'/'.join(cells.uniques(df['batch_size']))}, "
+              f"T={'/'.join(cells.uniques(df['seq_len']))}" for df in frames]
     if len(set(setups)) > 1:
         out.append("Note: the folders ran different set-ups (" +
-                   "; ".join(f"{lab}: {s}" for lab, s in zip(labels, setups)) + ").")
+                   rules.md_text("; ".join(f"{lab}: {s}" for lab, s in zip(labels, setups))) + ").")
     right = set(header[1:])
     return out + ["", rules.md_table(header, rows, right), ""]
 
@@ -400,7 +338,7 @@ def build_report(folders: list, out_dir=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"report: cannot create --out {out} ({e.strerror}); give a folder you can write to") from None
-    labels = rules.device_labels([", ".join(_uniques(df["device"])) or "unknown device" for df in frames], folders)
+    labels = rules.device_labels([", ".join(cells.uniques(df["device"])) or "unknown device" for df in frames], folders)
     md = ["# GPT-2 speed-up report", "",
           "Measured by this project's training loop; every figure below comes from the runs' own summary.json "
           "and metrics.jsonl. ms/step is the median over steady-state steps (min-max in brackets; step IQR % is "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from gpt2.report_rules import EVAL_KEYS, PUBLISHED, PUBLISHED_NAME, eval_curves
+from gpt2.report_rules import EVAL_KEYS, PUBLISHED, PUBLISHED_NAME, eval_curves, metrics_lines
 
 STYLES = ["-", "--", "-.", ":"]
 MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "<", ">"]
@@ -34,16 +34,14 @@ def colors(n: int) -> list:
 def loss_curve(path: str):
     """(steps, losses) of the train-loss records in a run's metrics.jsonl."""
     steps, losses = [], []
-    try:
-        lines = (Path(path) / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return steps, losses
-    for line in lines:
+    for line in metrics_lines(path):
         try:
             rec = json.loads(line)
             step, loss = float(rec["step"]), float(rec["loss"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a partial last line of a killed run, or a line without a train loss
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+            continue  # a partial last line of a killed run, a line without a train loss, or a damaged one
+        if not math.isfinite(step):
+            continue
         steps.append(step)
         losses.append(loss if math.isfinite(loss) else math.nan)
     return steps, losses
@@ -58,6 +56,12 @@ def _tokens(x, _pos=None) -> str:
 
 def _ok(v) -> bool:
     return not pd.isna(v)
+
+
+def _plain(text) -> str:
+    """Run data (stage and folder names, a status) as matplotlib text: a pair of `$` would start mathtext,
+    which fails on what is not TeX ("$x{$") and would stop the report."""
+    return str(text).replace("$", r"\$")
 
 
 def _style(i: int, n: int) -> dict:
@@ -99,7 +103,8 @@ def _eval_panel(ax, name: str, series: list, colour: dict) -> None:
     ends = []
     for i, (label, steps, values, tps) in enumerate(series):
         # an evaluation after step s has seen (s + 1) batches, as the loss panels count
-        ax.plot([(s + 1) * tps for s in steps], values, label=label, color=colour[label], **_style(i, len(series)))
+        ax.plot([(s + 1) * tps for s in steps], values, label=_plain(label), color=colour[label],
+                **_style(i, len(series)))
         ends.append((max(steps) + 1) * tps)
     _tokens_axis(ax, ends)
     ref = PUBLISHED[name]
@@ -134,16 +139,17 @@ def figure(frames, labels):
         speed, status = dict(zip(df["key"], df["speedup_vs_baseline"])), dict(zip(df["key"], df["status"]))
         xs = [i + (k - (n - 1) / 2) * width for i in range(len(keys))]
         have = [(x, key) for x, key in zip(xs, keys) if key in tok]
-        ax.bar([x for x, _ in have], [tok[key] for _, key in have], width, label=lab,
+        ax.bar([x for x, _ in have], [tok[key] for _, key in have], width, label=_plain(lab),
                color=[colour[key] for _, key in have] if n == 1 else folder_colour[k])
         heights += [tok[key] for _, key in have]
         for x, key in zip(xs, keys):
             if key in tok and n == 1 and _ok(speed.get(key)):
                 ax.annotate(f"{speed[key]:.2f}x", (x, tok[key]), ha="center", va="bottom", fontsize=8)
             elif key in status and key not in tok:
-                ax.annotate(status[key], (x, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                            fontsize=8, rotation=90, color="red")
-    ax.set_xticks(range(len(keys)), keys, rotation=25, ha="right")
+                # "unreadable: <why>" would cross the panel: the why is in report.md
+                ax.annotate(_plain(str(status[key]).split(":")[0]), (x, 0), xycoords=("data", "axes fraction"),
+                            ha="center", va="bottom", fontsize=8, rotation=90, color="red")
+    ax.set_xticks(range(len(keys)), [_plain(k) for k in keys], rotation=25, ha="right")
     ax.set_ylabel("tokens / s")
     ax.set_title("Throughput per stage (higher is better" + ("; labels: speed-up vs baseline)" if n == 1 else ")"))
     if heights and max(heights) / max(min(heights), 1e-9) > 20:
@@ -157,11 +163,12 @@ def figure(frames, labels):
             if not steps or not _ok(tps) or tps <= 0:
                 continue  # without tokens per step there is no honest x position
             # the loss of step s is measured on its batch: (s + 1) batches seen; markers of equal curves interleave
-            ax.plot([(s + 1) * tps for s in steps], losses, label=key, color=colour[key], **_style(i, len(df)))
+            ax.plot([(s + 1) * tps for s in steps], losses, label=_plain(key), color=colour[key],
+                    **_style(i, len(df)))
             ends.append((max(steps) + 1) * tps)
         _tokens_axis(ax, ends)
         ax.set_ylabel("train loss")
-        ax.set_title(f"Training loss per stage: {lab}")
+        ax.set_title(f"Training loss per stage: {_plain(lab)}")
         if ax.lines:
             ax.legend(fontsize=8, ncol=2 if len(ax.lines) <= 12 else 3)
     names = list(dict.fromkeys(label for series in evals.values() for label, *_ in series))

@@ -18,19 +18,24 @@ GROUP_FIELDS = [("model", "model"), ("device", "device"), ("T", "seq_len"), ("wo
 EVAL_KEYS = ("val_loss", "hellaswag_acc_norm")  # the evaluation rows of metrics.jsonl: {"step": s, key: value, ...}
 
 
+def metrics_lines(path) -> list:
+    """The lines of a run's metrics.jsonl; none where it is missing or not text (a damaged file: the report
+    goes on without its curves and step times)."""
+    try:
+        return (Path(path) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def step_times(path, n: int) -> list:
     """The last n step times (ms) in a run's metrics.jsonl: the steady-state steps its summary's median is of
     (the first `steps - steps_measured` are warm-up; a resumed run appends, its last steps are this process's)."""
     times = []
-    try:
-        lines = (Path(path) / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return times
-    for line in lines:
+    for line in metrics_lines(path):
         try:
             times.append(float(json.loads(line)["ms"]))
-        except (ValueError, KeyError, TypeError):
-            continue  # a validation line, or a partial last line of a killed run
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+            continue  # a validation line, a partial last line of a killed run, or a damaged one
     return times[-n:] if n > 0 else []
 
 
@@ -38,19 +43,15 @@ def eval_curves(path) -> dict:
     """{key: (steps, values)} for each of EVAL_KEYS found in a run's metrics.jsonl, sorted by step; a step
     evaluated twice (a resumed run appends to the file) keeps its last value."""
     found = {}
-    try:
-        lines = (Path(path) / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return {}
-    for line in lines:
+    for line in metrics_lines(path):
         try:
             rec = json.loads(line)
             key = next((k for k in EVAL_KEYS if k in rec), None)
             if key is not None and "loss" not in rec:
                 value = float(rec[key])
                 found.setdefault(key, {})[int(rec["step"])] = value if math.isfinite(value) else math.nan
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue  # a partial last line of a killed run
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
+            continue  # a partial last line of a killed run, or a damaged one
     return {k: tuple(zip(*sorted(v.items()))) for k, v in found.items()}
 
 
@@ -153,11 +154,41 @@ PUBLISHED_NAME = "GPT-2 124M (published)"
 PUBLISHED = {"val_loss": 3.2924, "hellaswag_acc_norm": 0.2955}
 
 
+# ---------------------------------------------------------------- markdown from run data
+# Stage names, folder names, errors and commands come from files anyone can edit: in report.md they are text,
+# never markup. No HTML tag or entity can start (`<`, `&` as entities), no code span (backticks as `&#96;`),
+# no new table cell (`|` escaped, and `\` so that an escape cannot be undone) and no new line.
+
+def md_text(value) -> str:
+    """`value` as inline markdown text that shows as written: safe in a table cell, a list item, a heading."""
+    text = " ".join(str(value).splitlines())
+    for char, escaped in (("\\", "\\\\"), ("&", "&amp;"), ("<", "&lt;"), ("`", "&#96;"), ("|", "\\|")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def md_code(value) -> str:
+    """`value` as one inline code span (outside tables): a fence longer than any run of backticks inside."""
+    text = " ".join(str(value).splitlines())
+    fence = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_code_block(value) -> list:
+    """`value` as a fenced code block (markdown lines): its fence longer than any run of backticks inside."""
+    text = str(value)
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return [fence, *text.splitlines(), fence]
+
+
 def md_table(header, rows, right=()) -> str:
-    """A GitHub pipe table; columns in `right` right-aligned, the others left as written (no padding)."""
-    def cell(v):
-        return str(v).replace("|", "\\|").replace("\n", " ")  # tabulate does not escape a pipe in a cell
-    table = pd.DataFrame([[cell(c) for c in r] for r in rows], columns=[cell(h) for h in header])
+    """A GitHub pipe table of md_text cells; columns in `right` right-aligned, the others left as written."""
+    table = pd.DataFrame([[md_text(c) for c in r] for r in rows], columns=[md_text(h) for h in header])
     return table.to_markdown(index=False, disable_numparse=True,
                              colalign=["right" if h in right else None for h in header])
 

@@ -48,3 +48,66 @@ def shakespeare_path() -> Path:
                     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt "
                     "and set GPT2_SPEEDRUN_TEST_DATA=/path/to/input.txt")
     return path
+
+
+# ---------------------------------------------------------------- CI: no test skips unnoticed
+# With GPT2_SPEEDRUN_STRICT_SKIPS=1 (.ci/run sets it) a skip is a failure unless it is one of these: a test
+# marked `cuda` on a machine without one, the browser test without Chromium, the page's syntax check without
+# Node.js, and the mirror image of the first (a check of running without CUDA, on a machine with CUDA).
+# Anything else (the training data not found, an extra not installed, a module that failed to import) would
+# otherwise pass CI with its tests never run.
+STRICT_SKIPS = "GPT2_SPEEDRUN_STRICT_SKIPS"
+EXPECTED_SKIPS = {
+    "a test marked cuda": lambda is_cuda, reason: is_cuda,
+    "the browser test without Chromium": lambda is_cuda, reason: "no Chromium and chromedriver" in reason,
+    "the page script's syntax check without Node.js":
+        lambda is_cuda, reason: reason.startswith("node is not installed"),
+    "a no-CUDA check on a CUDA machine": lambda is_cuda, reason: reason == "this machine has CUDA",
+}
+_skips = pytest.StashKey[list]()  # (node id, reason, marked cuda?) of every skipped test and collector
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _record_skip(config, report, is_cuda: bool) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):  # an expected failure is not a skip
+        config.stash.setdefault(_skips, []).append((report.nodeid, _skip_reason(report), is_cuda))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _record_skip(item.config, report, item.get_closest_marker("cuda") is not None)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    _record_skip(collector.config, report, False)  # a whole module skipped (pytest.importorskip)
+    return report
+
+
+def unexpected_skips(config) -> list:
+    """(node id, reason) of the skips that EXPECTED_SKIPS does not name."""
+    return [(nodeid, reason) for nodeid, reason, is_cuda in config.stash.get(_skips, [])
+            if not any(expected(is_cuda, reason) for expected in EXPECTED_SKIPS.values())]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get(STRICT_SKIPS) == "1" and unexpected_skips(session.config) and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    found = unexpected_skips(config)
+    if os.environ.get(STRICT_SKIPS) == "1" and found:
+        terminalreporter.section(f"{len(found)} unexpected skip(s): failing ({STRICT_SKIPS}=1)", red=True)
+        terminalreporter.line("only these may skip: " + "; ".join(EXPECTED_SKIPS))
+        for nodeid, reason in found:
+            terminalreporter.line(f"{nodeid}: {reason}", red=True)

@@ -483,3 +483,134 @@ def test_a_line_marks_where_the_stages_beyond_the_seed_begin(tmp_path):
     assert "1.36x" in line(md, "| 2 | compile")  # vs previous still compares with grad-accum, the line aside
     csv = pd.read_csv(folder / "report.csv")
     assert list(csv["stage"]) == ["gpt3-optim", "grad-accum", "compile", "fused-loss"]  # data only in the CSV
+
+
+# ---------------------------------------------------------------- bad input: one bad file never stops the report
+
+BAD_SUMMARIES = {  # what a summary.json holds -> what its row's status must say
+    "past int64": ('{"stage": "bf16", "status": "ok", "steps": 100000000000000000000000}',
+                   "unreadable: steps=100000000000000000000000 does not fit a 64-bit integer"),
+    "Infinity": ('{"stage": "bf16", "status": "ok", "tokens_per_sec": Infinity}',
+                 "unreadable: summary.json holds Infinity, which JSON does not allow"),
+    "NaN": ('{"stage": "bf16", "status": "ok", "mfu": NaN}', "unreadable: summary.json holds NaN, which JSON"),
+    "non-finite string": ('{"stage": "bf16", "status": "ok", "tokens_per_sec": "inf"}',
+                          "unreadable: tokens_per_sec=inf is not a finite number"),
+    "string for a number": ('{"stage": "bf16", "status": "ok", "tokens_per_sec": "fast"}',
+                            "unreadable: tokens_per_sec='fast' is not a number"),
+    "bool for a number": ('{"stage": "bf16", "status": "ok", "batch_size": true}',
+                          "unreadable: batch_size=true is not a whole number"),
+    "fraction for a count": ('{"stage": "bf16", "status": "ok", "steps": 2.5}',
+                             "unreadable: steps=2.5 is not a whole number"),
+    "too large for a float": ('{"stage": "bf16", "status": "ok", "ms_per_step": 1' + "0" * 400 + "}",
+                              "unreadable: ms_per_step=1000000000000000000000000000000000000... is too large"),
+    "a list for text": ('{"stage": "bf16", "status": "ok", "device": ["a", "b"]}',
+                        'unreadable: device=["a", "b"] is not text'),
+    "invalid JSON": ('{"stage": "bf16", "status": ', "unreadable: summary.json is not valid JSON (Expecting value at "
+                                                    "line 1, column 29)"),
+    "not UTF-8": (b"\xff\xfe{}", "unreadable: summary.json is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SUMMARIES))
+def test_one_unreadable_summary_is_marked_and_every_other_row_reported(sweep, case, caplog):
+    text, status = BAD_SUMMARIES[case]
+    bad = sweep / "2_bf16" / "summary.json"
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+    paths = build_report([sweep])
+    md = squash(paths["md"].read_text())
+    row = line(md, "| 2 | bf16")
+    assert status in row and "| nan |" not in row
+    assert row.count("x |") == 0 and "6.500" not in row  # no figures from a file that cannot be trusted
+    assert "5.00x" in line(md, "| 3 | flash") and "2.50x (vs tf32)" in line(md, "| 3 | flash")
+    csv = pd.read_csv(paths["csv"])
+    assert list(csv["stage"]) == ["baseline", "tf32", "bf16", "flash"]
+    assert csv.loc[2, "status"].startswith(status) and pd.isna(csv.loc[2, "tokens_per_sec"])
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
+    assert "shown as unreadable" in caplog.text  # and one warning line says which folder
+
+
+def test_a_diverged_run_keeps_its_nan_loss_and_the_report_its_row(tmp_path):
+    """gpt2/job.py writes a non-finite loss as the string "nan" (JSON has no NaN): that is a readable run."""
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100.0)
+    make_run(folder, "1_tf32", "tf32", 90.0, status="diverged", final_loss="nan", val_loss="inf")
+    md = squash(build_report([folder])["md"].read_text())
+    assert "| diverged |" in line(md, "| 1 | tf32") and "unreadable" not in md
+    assert "| | inf | diverged |" in line(md, "| 1 | tf32")  # the NaN loss is blank, the infinite one says so
+
+
+def test_a_number_at_the_edge_of_int64_is_kept_exactly(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100.0, seq_len=2 ** 63 - 1)
+    make_run(folder, "1_tf32", "tf32", 100.0, seq_len=None)  # a column of ints and blanks: no float64 rounding
+    df = load_runs(folder)
+    assert df["seq_len"].iloc[0] == 2 ** 63 - 1 and list(df["status"]) == ["ok", "ok"]
+    assert f"**T:** {2 ** 63 - 1}" in build_report([folder])["md"].read_text()
+
+
+def test_a_job_number_past_int64_is_part_of_the_name(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100.0)
+    make_run(folder, "99999999999999999999_flash", "flash", 200.0, summary=False)
+    df = load_runs(folder)
+    assert list(df["stage"]) == ["baseline", "99999999999999999999_flash"] and pd.isna(df["job"].iloc[1])
+
+
+def test_damaged_metrics_lines_do_not_stop_the_report(sweep):
+    with open(sweep / "1_tf32" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1' + "0" * 400 + ', "loss": 1' + "0" * 400 + ', "ms": 1' + "0" * 400 + "}\n")
+        f.write('{"step": Infinity, "val_loss": 1' + "0" * 400 + "}\n[1, 2]\n\"text\"\n")
+    (sweep / "3_flash" / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    paths = build_report([sweep])
+    assert "5.00x" in line(squash(paths["md"].read_text()), "| 3 | flash")
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
+
+
+# ---------------------------------------------------------------- markup in run data is shown, never rendered
+
+def cells(row: str) -> list:
+    """A GFM table row split as GitHub splits it: at every pipe not escaped by a backslash."""
+    out, cell, escaped = [], "", False
+    for char in row.strip()[1:-1]:
+        if char == "|" and not escaped:
+            out.append(cell)
+            cell = ""
+        else:
+            cell += char
+        escaped = char == "\\" and not escaped
+    return out + [cell]
+
+
+NASTY = "fl|ash <script>alert(1)</script> `code` \\| $x{$ &amp;\n## heading"
+
+
+def test_markup_in_stage_and_folder_names_cannot_break_or_inject(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100.0)
+    make_run(folder, "1_tf32", NASTY, 200.0, error="boom | <img src=x onerror=alert(1)>", status="failed",
+             command="python run.py ```x``` stage.name='<b>'")
+    make_run(folder, "2_x|<i>`y`", "flash", 300.0, summary=False)  # a folder name, no summary: its stage
+    paths = build_report([folder])
+    md = paths["md"].read_text()
+    # a command is shown in a code span (where HTML is text) whose fence is longer than any run of backticks in it
+    span = "````python run.py ```x``` stage.name='<b>'````"
+    assert span in md
+    md = md.replace(span, "")
+    assert "<script" not in md and "<img" not in md and "<i>" not in md and "<b>" not in md
+    assert "&lt;script>alert(1)&lt;/script>" in md and "&amp;amp;" in md
+    assert "\n## heading" not in md and "`code`" not in md
+    header = next(ln for ln in md.splitlines() if re.match(r"\|\s+job \|", ln))
+    rows = [ln for ln in md.splitlines() if re.match(r"\|\s+\d+ \|", ln)]
+    assert len(rows) == 3 and all(len(cells(r)) == len(cells(header)) for r in rows)
+    stage = cells(rows[1])[1].strip()
+    assert stage == "fl\\|ash &lt;script>alert(1)&lt;/script> &#96;code&#96; \\\\\\| $x{$ &amp;amp; ## heading"
+    assert cells(rows[2])[1].strip() == "x\\|&lt;i>&#96;y&#96;"
+    assert pd.read_csv(paths["csv"])["stage"].iloc[1] == NASTY  # the CSV keeps the data as it was
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")  # "$x{$" is no mathtext for the chart
+
+
+def test_one_command_with_backticks_gets_a_longer_fence(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_baseline", "baseline", 100.0, command="echo ```` done")
+    md = build_report([folder])["md"].read_text()
+    assert "Command:\n\n`````\necho ```` done\n`````\n" in md

@@ -5,7 +5,8 @@ precision "highest", dropout off, vocab 50257 (unpadded: the point of the compar
 F.scaled_dot_product_attention everywhere (ours: attention="flash"; transformers: attn_implementation="sdpa").
 
 Contenders, all holding the same weights (ours written with GPT.save_hf, read back by transformers):
-  ours     gpt2/model.py's GPT
+  ours        gpt2/model.py's GPT with the textbook loss (model.loss=plain: logits, then cross-entropy)
+  ours-fused  the same with model.loss=fused (gpt2/fused_loss.py: the classifier and loss in chunks)
   before   (with --before FILE) the GPT of another model.py, e.g. an older version, timed in the same rounds
   hf       GPT2LMHeadModel as loaded from that folder (GPT-2's own config: activation gelu_new, use_cache on)
   hf-fast  the same with transformers' fastest equivalent settings: activation gelu_pytorch_tanh (one fused
@@ -16,9 +17,10 @@ step by step, the order rotating every round so that none always runs first or l
 noisy: each round first waits for a quiet moment, and a round during which other processes took more than
 --max-other of the CPU (read from /proc/stat) is thrown away and run again; the table says how many were.
 Reported: median (min-max) ms per step, and each ratio as the ratio of medians and, in brackets, the median
-of the per-round ratios.
+of the per-round ratios. results.json (--out) holds every clean round's times, the medians and ratios, the
+machine, the versions and the command.
 
-    python experiments/cpu_vs_transformers/bench.py                      # the default sizes
+    python experiments/cpu_vs_transformers/bench.py                      # the default sizes, into results.json
     python experiments/cpu_vs_transformers/bench.py --size gpt2:4:128 --size 4x4x256:8:128 --steps 30
     python experiments/cpu_vs_transformers/bench.py --before /tmp/model_old.py   # before/after as well
 
@@ -29,7 +31,6 @@ model has the GPT-2 context of 1024 positions.
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +43,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_record  # noqa: E402
 import gpt2.model  # noqa: E402
 
 VOCAB = 50257
@@ -63,16 +66,6 @@ def load_model_file(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class OtherLoad:
@@ -118,11 +111,12 @@ def build(dims, seed, before=None):
     """The contenders with the same weights, all in training mode with dropout off."""
     from transformers import GPT2LMHeadModel
 
-    def ours_from(module):
+    def ours_from(module, **loss):
         torch.manual_seed(seed)  # same initialisation, so the same weights
-        return module.GPT(module.GPTConfig(block_size=BLOCK_SIZE, vocab_size=VOCAB, attention="flash", **dims))
+        return module.GPT(module.GPTConfig(block_size=BLOCK_SIZE, vocab_size=VOCAB, attention="flash", **dims,
+                                           **loss))
 
-    models = {"ours": ours_from(gpt2.model)}
+    models = {"ours": ours_from(gpt2.model), "ours-fused": ours_from(gpt2.model, loss="fused")}
     if before is not None:
         models["before"] = ours_from(before)
         models["before"].load_state_dict(models["ours"].state_dict())
@@ -211,10 +205,10 @@ def bench_size(text, steps, warmup, seed, max_other, before=None, max_tries=10):
         print(f"warning: {text}: only {len(rounds)} clean rounds of {steps}", file=sys.stderr)
     times = {who: [r[who] for r in rounds] for who in names}
     row = dict(size=text, model=name, params_m=models["ours"].num_params(non_embedding=False) / 1e6, B=B, T=T,
-               losses=losses, rounds=len(rounds), rejected=rejected, names=names)
+               losses=losses, rounds=len(rounds), rejected=rejected, names=names, rounds_ms=rounds)
     row["ms"] = {who: (statistics.median(v), min(v), max(v)) for who, v in times.items()}
 
-    def ratio(a, b):
+    def ratio(a, b):  # of the medians, and the median of the per-round ratios
         return row["ms"][a][0] / row["ms"][b][0], statistics.median(r[a] / r[b] for r in rounds)
 
     row["ratios"] = {f"{a}/{b}": ratio(a, b) for a in names if not a.startswith("hf") for b in ("hf", "hf-fast")}
@@ -234,6 +228,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--before", help="also time the GPT of this model.py (e.g. an older version of "
                         "gpt2/model.py) in the same rounds, as contender 'before'")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"),
+                        help="where to write results.json (default: beside this script)")
     args = parser.parse_args()
 
     import transformers
@@ -243,14 +239,16 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")
     before = load_model_file(args.before) if args.before else None
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
+    print(f"cpu: {bench_record.cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
     print(f"ours: gpt2/model.py" + (f"; before: {args.before}" if args.before else ""))
     print(f"{args.steps} timed rounds (+{args.warmup} warm-up) per size, rotating order; fp32; vocab {VOCAB}; "
           f"rounds with other load > {args.max_other:.0%} rejected")
     print("ms: median (min-max) over clean rounds; ratios: of medians (median of per-round ratios)")
+    rows = []
     for text in args.size or DEFAULT_SIZES:
         r = bench_size(text, args.steps, args.warmup, args.seed, args.max_other, before)
+        rows.append(r)
         print(f"\n{r['model']}: {r['params_m']:.1f}M parameters, B={r['B']}, T={r['T']}, "
               f"{r['rounds']} clean rounds ({r['rejected']} rejected)")
         print("| " + " | ".join(f"{n} ms" for n in r["names"]) + " | " + " | ".join(r["ratios"]) + " |")
@@ -258,6 +256,18 @@ def main():
         cells = ["{:.0f} ({:.0f}-{:.0f})".format(*r["ms"][n]) for n in r["names"]]
         cells += ["{:.3f} ({:.3f})".format(*v) for v in r["ratios"].values()]
         print("| " + " | ".join(cells) + " |", flush=True)
+    settings = {k: getattr(args, k) for k in ("steps", "warmup", "threads", "max_other", "seed", "before")}
+    path = bench_record.write(args.out, {
+        "transformers": transformers.__version__, "settings": settings,
+        "sizes": [{"size": r["size"], "model": r["model"], "params_m": r["params_m"], "B": r["B"], "T": r["T"],
+                   "losses": r["losses"], "clean_rounds": r["rounds"], "rejected_rounds": r["rejected"],
+                   "rounds_ms": r["rounds_ms"],
+                   "median_ms": {who: ms[0] for who, ms in r["ms"].items()},
+                   "min_ms": {who: ms[1] for who, ms in r["ms"].items()},
+                   "max_ms": {who: ms[2] for who, ms in r["ms"].items()},
+                   "ratios": {k: {"of_medians": v[0], "median_of_rounds": v[1]} for k, v in r["ratios"].items()}}
+                  for r in rows]})
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ The no-cache path runs once, greedy (it recomputes the whole context for every t
 
     python experiments/generation/bench.py                             # 5-15 minutes on a 2-core CPU
     python experiments/generation/bench.py --rounds 5 --no-cache-tokens 0   # no no-cache run: ~3 minutes
+
+It writes results.json beside itself (--out elsewhere): every round's seconds, the best rate of each
+generator, whether the greedy tokens agreed, the machine, the versions and the command.
 """
 
 import argparse
@@ -20,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_record  # noqa: E402
 from gpt2.model import GPT, GPTConfig  # noqa: E402
 
 
@@ -36,6 +41,7 @@ def main() -> None:
     p.add_argument("--no-cache-tokens", type=int, default=256, help="new tokens for the (slow) no-cache run; 0 skips it")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"), help="results.json path")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,7 +75,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; GPT-2 124M shape, random weights, fp32, batch 1, "
           f"{args.prompt_tokens}-token prompt, {n} new tokens (no cache: {args.no_cache_tokens})", flush=True)
     run("ours, KV cache", "greedy"), run("transformers", "greedy")  # warm-up
-    rows = {}
+    rows, same_tokens = {}, {}
     for mode in ("greedy", "top-k 50"):
         names = ["ours, KV cache", "transformers"]
         times = {k: [] for k in names}
@@ -79,14 +85,15 @@ def main() -> None:
                 dt, outs[name] = timed(lambda: run(name, mode))
                 times[name].append(dt)
         if mode == "greedy":
-            same = torch.equal(outs["ours, KV cache"], outs["transformers"])
+            same = same_tokens["ours vs transformers"] = torch.equal(outs["ours, KV cache"], outs["transformers"])
             print(f"greedy: ours and transformers produce the same {n} tokens: {same}", flush=True)
         if mode == "greedy" and args.no_cache_tokens:  # once: at 256 tokens it takes minutes, and sampling costs next to nothing
             dt, out = timed(lambda: run("ours, no cache", mode))
             times["ours, no cache"] = [dt * n / args.no_cache_tokens]
             if args.no_cache_tokens == n:
+                same_tokens["KV cache vs no cache"] = torch.equal(out, outs["ours, KV cache"])
                 print(f"greedy: KV cache and no cache produce the same tokens: "
-                      f"{torch.equal(out, outs['ours, KV cache'])}", flush=True)
+                      f"{same_tokens['KV cache vs no cache']}", flush=True)
         for name, ts in times.items():
             rows[(mode, name)] = n / min(ts), ts
     print()
@@ -97,6 +104,12 @@ def main() -> None:
         vs_base = f"{tps / base:.2f}x" if base == base else "-"  # nan: no-cache run skipped
         print(f"| {mode} | {name} | {tps:.1f} | {', '.join(f'{t:.2f}' for t in ts)} | {vs_base} "
               f"| {tps / hf:.2f}x |")
+    settings = {k: getattr(args, k) for k in ("prompt_tokens", "new_tokens", "no_cache_tokens", "rounds")}
+    path = bench_record.write(args.out, {
+        "transformers": tf_version, "settings": settings, "same_greedy_tokens": same_tokens,
+        "rows": [{"sampling": mode, "generator": name, "best_tokens_per_s": tps, "seconds": ts}
+                 for (mode, name), (tps, ts) in rows.items()]})
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

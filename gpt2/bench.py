@@ -13,8 +13,9 @@ what is left is recorded as skipped, never started and cut off:
 
 Runs never write checkpoints (train.save_checkpoints=false): a SIGTERM at the budget must not start a
 1.5 GB save. Stages that compile or accumulate 32 micro-steps run fewer steps than the others (the report
-lists steps per stage). `--smoke` runs the same phases CPU-sized (tiny model, T=16, 2 steps, no
-torch.compile, CUDA tests skipped) in under a minute: CI runs it so that this command never rots.
+lists steps per stage). `--smoke` runs the same phases CPU-sized (tiny model, T=8, 2 steps (1 in the
+scan), no torch.compile, CUDA tests skipped, one CPU thread per run) in under a minute: CI runs it so that
+this command never rots.
 """
 
 import argparse
@@ -22,16 +23,15 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import time
 from pathlib import Path
 from typing import List, Optional
 
+from .bench_env import environment_facts
 from .errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]  # run.py, conf/ and tests/ sit beside the package
@@ -39,7 +39,13 @@ SWEEP = "speedup_full"
 GRACE_S = 60  # after SIGTERM a run finishes its step (a compile can be in flight), then it is killed
 TABLE_RESERVE_S = 10  # bench.md at the end
 SCAN_BATCH_SIZES = (16, 32, 64, 128)
-SMOKE_T = 16  # --smoke: sequence length of the tiny CPU runs
+SMOKE_T = 8  # --smoke: sequence length of the tiny CPU runs (the step time grows with the tokens)
+# --smoke: CPU threads of each run. It measures nothing, and on a busy 2-core machine two threads that wait
+# for each other at every op made it twice as slow as one (110 s against 56 s, back to back)
+SMOKE_THREADS = "1"
+# --smoke: steps of each scan run. Its sizes are smaller than the sweep's, so a stage that accumulates makes
+# more micro-steps (16 at B=4): one step shows that a size runs, which is all a smoke run checks
+SMOKE_SCAN_STEPS = 1
 
 
 class Bench:
@@ -82,6 +88,8 @@ class Bench:
         t0 = time.monotonic()
         print(f"[bench] {phase}: {' '.join(cmd)}  (limit {limit_s:.0f} s)", flush=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+        if self.smoke:  # one CPU thread per run, unless the caller chose: see SMOKE_THREADS
+            env.setdefault("OMP_NUM_THREADS", SMOKE_THREADS)
         if self.data:
             env["GPT2_SPEEDRUN_TEST_DATA"] = self.data  # the test suite's Tiny Shakespeare (tests/conftest.py)
         with (self.out / log_name).open("w") as log:
@@ -182,7 +190,7 @@ class Bench:
                 continue
             cmd = [sys.executable, str(REPO / "run.py"), f"+stage={stage['name']}", f"train.batch_size={b}",
                    f"stage.name={stage['name']}_B{b}", f"hydra.run.dir={folder / f'{i}_B{b}'}",
-                   *self.common_overrides(), *self.stage_overrides(stage, batch_size=b)]
+                   *self.common_overrides(smoke_steps=SMOKE_SCAN_STEPS), *self.stage_overrides(stage, batch_size=b)]
             code, _ = self.run(f"scan B={b}", cmd, f"scan_B{b}.log", self.left() - TABLE_RESERVE_S - GRACE_S)
             done += 1
         self.record("scan", "ok" if done == len(order) else "partial", time.monotonic() - t0,
@@ -190,12 +198,12 @@ class Bench:
 
     # ---- the runs' settings --------------------------------------------------------------------
 
-    def common_overrides(self) -> list:
+    def common_overrides(self, smoke_steps: int = 2) -> list:
         args = ["train.save_checkpoints=false"] + ([] if self.smoke else ["train.val_batches=2"])
         if self.data:
             args.append(f"data.path={self.data}")
         if self.smoke:
-            args += ["model=tiny", "train.device=cpu", f"train.seq_len={SMOKE_T}", "train.steps=2",
+            args += ["model=tiny", "train.device=cpu", f"train.seq_len={SMOKE_T}", f"train.steps={smoke_steps}",
                      "train.timing_skip=1", "train.val_batches=1", "train.compile=false"]
         else:
             args += ["train.steps=15"]
@@ -252,84 +260,6 @@ def read_runs(folder: Optional[Path]) -> List[dict]:
     return runs
 
 
-def _command(cmd: list) -> Optional[str]:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _git_commit() -> Optional[str]:
-    """HEAD of the repository the code runs from, '+dirty' when files differ from it; None outside a clone."""
-    if not (REPO / ".git").exists() or _command(["git", "-C", str(REPO), "rev-parse", "--show-toplevel"]) != str(REPO):
-        return None
-    head = _command(["git", "-C", str(REPO), "rev-parse", "HEAD"])
-    dirty = _command(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
-    return head and head + ("+dirty" if dirty else "")
-
-
-def environment_facts(measure: bool = True) -> dict:
-    """What a result depends on: device, driver, library versions, and whether torch.compile can build."""
-    import torch
-
-    facts = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "platform": platform.platform(),
-        "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-        "c_compiler": shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),
-        "cxx_compiler": shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"),
-        "python_headers": (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
-        "git_commit": _git_commit(),
-        "gpu": None,
-    }
-    try:
-        import triton
-        facts["triton"] = triton.__version__
-    except ImportError:
-        facts["triton"] = None
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        smi = _command(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,pstate,clocks.max.sm,"
-                        "power.limit,temperature.gpu,utilization.gpu", "--format=csv,noheader"])
-        facts["gpu"] = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-                        "memory_gib": props.total_memory / 2**30, "capability": list(torch.cuda.get_device_capability(0)),
-                        "multiprocessors": props.multi_processor_count, "nvidia_smi": smi,
-                        "driver": smi.split(", ")[2] if smi and smi.count(", ") >= 2 else None}
-        if measure:
-            facts["gpu"].update(measured_ceilings(torch))
-    return facts
-
-
-def measured_ceilings(torch) -> dict:
-    """The two ceilings a step is bound by, measured once: a bf16 matmul rate and a device-to-device copy."""
-    device = torch.device("cuda", 0)
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    src = torch.randn(2**28, device=device)  # 1 GiB of fp32
-    dst = torch.empty_like(src)
-
-    def median_ms(fn, reps=20):
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
-    matmul_ms = median_ms(lambda: a @ b)
-    copy_ms = median_ms(lambda: dst.copy_(src))
-    result = {"bf16_matmul_tflops_8192": 2 * 8192**3 / (matmul_ms / 1e3) / 1e12,
-              "copy_gb_per_s_read_plus_write": 2 * src.numel() * 4 / (copy_ms / 1e3) / 1e9}
-    a = b = src = dst = None  # noqa: F841  (free the 1.3 GB before the runs start)
-    torch.cuda.empty_cache()
-    return result
-
-
 # ---- the table ------------------------------------------------------------------------------------
 
 def _num(v, spec):
@@ -347,8 +277,8 @@ def bench_table(bench: Bench, facts: dict, sweep_folder: Optional[Path]) -> str:
         lines.append(f"- **measured ceilings:** bf16 matmul 8192^3 {gpu['bf16_matmul_tflops_8192']:.0f} TFLOP/s; "
                      f"device copy {gpu['copy_gb_per_s_read_plus_write']:.0f} GB/s (read + write)")
     if bench.smoke:
-        lines.append(f"- **smoke run:** tiny model on the CPU, T={SMOKE_T}, 2 steps, torch.compile off: checks the "
-                     "command, measures nothing")
+        lines.append(f"- **smoke run:** tiny model on the CPU, T={SMOKE_T}, 2 steps (1 in the scan), torch.compile off: "
+                     "checks the command, measures nothing")
     lines += ["", "## Phases", "", "| phase | status | seconds | detail |", "| --- | --- | ---: | --- |"]
     lines += [f"| {p['phase']} | {p['status']} | {p['seconds']:.0f} | {p['detail']} |" for p in bench.phases]
     header = ["| run | stage | B | steps | status | ms/step | tok/s | MFU % | peak alloc GiB | peak reserved GiB |",

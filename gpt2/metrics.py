@@ -3,7 +3,6 @@
 One console line per step, one JSON line per step in metrics.jsonl, nothing else printed by the loop.
 """
 
-import functools
 import json
 import re
 import statistics
@@ -53,7 +52,6 @@ def gpu_product(device_name: str) -> Optional[str]:
 
 
 _DTYPE_COLUMN = {"bf16": 0, "tf32": 1, "fp32": 2}
-_TORCH_DTYPE = {"bf16": torch.bfloat16, "tf32": torch.float32, "fp32": torch.float32}
 
 
 def synchronize(device: torch.device) -> None:
@@ -74,40 +72,69 @@ def compute_dtype(device: torch.device, autocast_bf16: bool) -> str:
     return "fp32"
 
 
-def measure_matmul_tflops(device: torch.device, dtype: str, n: int = 1024, reps: int = 5) -> float:
-    """Best-of-`reps` rate of an n x n x n matmul in `dtype`, under the global flags now in force."""
-    a = torch.randn(n, n, device=device, dtype=_TORCH_DTYPE[dtype])
-    b = torch.randn(n, n, device=device, dtype=_TORCH_DTYPE[dtype])
-    a @ b  # first call pays for library initialisation
-    best = float("inf")
-    for _ in range(reps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
+# One timed call of the peak measurement does at most this many FLOPs: a few ms on a 2-core CPU (both
+# measurements of a run, at its start and its end, stay well under 0.5 s), a few ms on a GPU
+CALL_FLOPS = {"cpu": 4e8, "mps": 2e10, "cuda": 5e11}
+MIN_ROWS = 128  # a cut-down measurement keeps at least this many rows: fewer run far below the peak
+PEAK_REPS = 3  # timed calls per shape, after one untimed: the best is the peak (a busy machine only slows calls)
 
 
-def peak_tflops(device: torch.device, dtype: str) -> Tuple[float, str]:
-    """(peak TFLOP/s, 'datasheet' | 'measured') for MFU: the datasheet where we know the GPU, else measured.
+def model_matmul_shapes(rows: int, n_embd: int, vocab_size: int, device: torch.device) -> tuple:
+    """(m, k, n) of the two kinds of matmul in a training step, as the model runs them: an MLP layer
+    (rows, n_embd) x (n_embd, 4*n_embd) and the classifier (rows, n_embd) x (n_embd, vocab_size), where rows is
+    B*T of one micro-step. Cut down to CALL_FLOPS per call: the classifier's columns first (its rate hardly
+    depends on them), then the rows, never below MIN_ROWS."""
+    budget = CALL_FLOPS.get(device.type, CALL_FLOPS["cpu"]) / 6  # forward and backward: 6 m k n
+    shapes = []
+    for n in (4 * n_embd, vocab_size):
+        n = min(n, max(4 * n_embd, int(budget // (rows * n_embd))))
+        m = min(rows, max(MIN_ROWS, int(budget // (n_embd * n))))
+        shapes.append((m, n_embd, n))
+    return tuple(dict.fromkeys(shapes))  # one shape once
 
-    A measurement is made once per process and device, dtype and precision setting, so that the jobs of a
-    sweep share one yardstick instead of each catching the machine in a different mood.
+
+def measure_linear_tflops(device: torch.device, dtype: str, shapes, reps: int = PEAK_REPS) -> float:
+    """The best rate of F.linear forward and backward (the three matmuls of a training step: 6 m k n FLOPs)
+    over `shapes` and `reps` timed calls each, as the model runs it: fp32 tensors, under bf16 autocast when
+    `dtype` is bf16 (the casts included), under the global TF32 flags now in force otherwise."""
+    best = 0.0
+    for m, k, n in shapes:
+        x = torch.randn(m, k, device=device, requires_grad=True)
+        weight = torch.randn(n, k, device=device, requires_grad=True)
+        for rep in range(reps + 1):  # the first call pays for library initialisation and kernel choice
+            synchronize(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                out = torch.nn.functional.linear(x, weight)
+            out.backward(torch.ones_like(out))
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            if rep:
+                best = max(best, 6 * m * k * n / seconds / 1e12)
+            x.grad = weight.grad = out = None
+    return best
+
+
+SQUARE_SHAPE = {"cpu": (1024, 1024, 1024), "mps": (2048, 2048, 2048), "cuda": (4096, 4096, 4096)}
+_best_measured: dict = {}  # (device, dtype, precision, shapes) -> the best peak measured in this process
+
+
+def peak_tflops(device: torch.device, dtype: str, shapes=None) -> Tuple[float, str]:
+    """(peak TFLOP/s, 'datasheet' | 'measured') for MFU: the datasheet where we know the GPU, else measured on
+    the model's `shapes` (model_matmul_shapes; a square matmul when None) in `dtype`.
+
+    A measured peak is measured at every call, and is the best this process has measured for the same
+    device, dtype, precision setting and shapes: a run measures at its start and at its end and keeps the
+    better (a busy machine makes a measurement low, never high), and the jobs of a sweep share the best.
     """
-    return _peak_tflops(device, dtype, torch.get_float32_matmul_precision())
-
-
-@functools.lru_cache(maxsize=None)
-def _peak_tflops(device: torch.device, dtype: str, precision: str) -> Tuple[float, str]:
     if device.type == "cuda":
         product = gpu_product(torch.cuda.get_device_name(device))
         if product is not None:
             return DATASHEET_TFLOPS[product][_DTYPE_COLUMN[dtype]], "datasheet"
-        n = 4096
-    else:
-        n = 1024  # a 2-core CPU does ~0.2 TFLOP/s: keep the measurement to a few tens of ms
-    return measure_matmul_tflops(device, dtype, n=n, reps=10), "measured"
+    shapes = tuple(shapes or (SQUARE_SHAPE.get(device.type, SQUARE_SHAPE["cpu"]),))
+    key = (str(device), dtype, torch.get_float32_matmul_precision(), shapes)
+    _best_measured[key] = max(_best_measured.get(key, 0.0), measure_linear_tflops(device, dtype, shapes))
+    return _best_measured[key], "measured"
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -154,6 +181,20 @@ def mfu(flops_per_token: float, tokens_per_sec: float, world_size: int, peak_tfl
     return flops_per_token * tokens_per_sec / world_size / (peak_tflops * 1e12)
 
 
+def mfu_note(utilisation: Optional[float], peak_source: Optional[str]) -> Optional[str]:
+    """Why an MFU figure cannot be trusted (summary.json's mfu_note), or None when nothing is wrong with it."""
+    if utilisation is None or utilisation <= 1:
+        return None
+    if peak_source == "measured":
+        return "above 100 % of the measured peak: the peak was measured on a busy machine; not a reliable figure"
+    return f"above 100 % of the {peak_source} peak: the FLOP count or the step time is wrong; not a reliable figure"
+
+
+def mfu_text(utilisation: float, digits: int = 2) -> str:
+    """MFU for the console: a percentage, or n/a when it is above 100 % (mfu_note says why)."""
+    return f"{100 * utilisation:.{digits}f}%" if utilisation <= 1 else "n/a (above 100% of the peak)"
+
+
 class StepLog:
     """metrics.jsonl and the console line, as build-nanogpt prints it; only the main process has one."""
 
@@ -169,7 +210,7 @@ class StepLog:
         self.log.info(
             f"step {record['step']:5d} | loss {record['loss']:.6f} | lr {record['lr']:.4e} | "
             f"norm {record['grad_norm']:.4f} | dt {record['ms']:.2f} ms | "
-            f"tok/sec {record['tokens_per_sec']:,.0f} | mfu {100 * utilisation:.2f}%")
+            f"tok/sec {record['tokens_per_sec']:,.0f} | mfu {mfu_text(utilisation)}")
         self.append(record)
         return utilisation
 

@@ -78,19 +78,25 @@ def effective_settings(run: Run) -> dict:
 def summarise(run: Run, summary: dict, step_ms: list) -> None:
     """Timing medians, tok/s, MFU and peak memory into the summary, and the closing console line."""
     T, W = run.seq_len, run.ranks.world_size
+    summary.update(metrics.peak_memory(run.device))  # before the peak is measured again: not the run's memory
     if step_ms:
         median, low, high, n = metrics.steady_state(step_ms, run.cfg.train.timing_skip)
         tokens_per_sec = run.total_batch / (median / 1000)
+        peak, source = summary["mfu_peak_tflops"], summary["mfu_peak_source"]
+        if source == "measured":  # measured again at the end; the better of the two (a busy machine only lowers it)
+            peak = max(peak, metrics.peak_tflops(run.device, summary["compute_dtype"], run.matmul_shapes)[0])
+        utilisation = metrics.mfu(run.raw_model.flops_per_token(T), tokens_per_sec, W, peak)
         summary.update(ms_per_step=median, ms_per_step_min=low, ms_per_step_max=high, steps_measured=n,
-                       tokens_per_sec=tokens_per_sec,
-                       mfu=metrics.mfu(run.raw_model.flops_per_token(T), tokens_per_sec, W, summary["mfu_peak_tflops"]))
-    summary.update(metrics.peak_memory(run.device))
+                       tokens_per_sec=tokens_per_sec, mfu=utilisation, mfu_peak_tflops=peak,
+                       mfu_note=metrics.mfu_note(utilisation, source))
+        if summary["mfu_note"] and run.ranks.is_main:
+            log.warning(f"mfu: {summary['mfu_note']} (summary.json keeps the figure, with mfu_note)")
     if run.tracker:
         run.tracker.finish(summary)
     if run.ranks.is_main and summary.get("ms_per_step"):
         mem = summary["peak_mem_gib"] or 0
         reserved = summary.get("peak_mem_reserved_gib")
         log.info(f"{summary['stage']}: {summary['ms_per_step']:.2f} ms/step (median of {summary['steps_measured']}), "
-                 f"{summary['tokens_per_sec']:,.0f} tok/s, mfu {100 * summary['mfu']:.1f}%, peak memory "
+                 f"{summary['tokens_per_sec']:,.0f} tok/s, mfu {metrics.mfu_text(summary['mfu'], 1)}, peak memory "
                  f"{mem:.2f} GiB ({summary['peak_mem_kind']})" + (f", {reserved:.2f} GiB reserved" if reserved else "")
                  + f", final loss {summary['final_loss']:.4f}")

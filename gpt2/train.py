@@ -152,6 +152,7 @@ class Run:
     saved_step: Optional[int] = None
     val_note: Optional[str] = None  # why there is no validation loss, when there is none
     first_step_done: bool = False  # until then, the steps say what they do (see micro_steps)
+    matmul_shapes: tuple = ()  # the model's matmuls a measured MFU peak is timed on (metrics.model_matmul_shapes)
 
     @property
     def slow_here(self) -> bool:
@@ -242,7 +243,7 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
     B, T, W = cfg.train.batch_size, cfg.train.seq_len or gpt_config.block_size, ranks.world_size
     total_batch = cfg.train.total_batch_size or B * T * W
     grad_accum = total_batch // (B * T * W)
-    train_loader, val_tokens = build_data(cfg, B, T, ranks.rank, W)
+    train_loader, val_tokens = build_data(cfg, B, T, ranks.rank, W, vocab_size=gpt_config.tokenizer_vocab_size)
     summary.update(batch_size=B, seq_len=T, tokens_per_step=total_batch, grad_accum_steps=grad_accum)
 
     # model, wrapped for data parallelism (DDP) and for speed (compile); raw_model is what we save
@@ -278,12 +279,14 @@ def set_up(cfg, run_dir: Path, summary: dict) -> Run:
             checkpoint.forget_steps_from(run_dir / "metrics.jsonl", summary.get("start_step", 0))
 
     dtype = metrics.compute_dtype(device, run.bf16)
-    peak, peak_source = metrics.peak_tflops(device, dtype)
+    run.matmul_shapes = metrics.model_matmul_shapes(B * T, raw_model.config.n_embd, raw_model.lm_head.weight.shape[0],
+                                                    device)
+    peak, peak_source = metrics.peak_tflops(device, dtype, run.matmul_shapes)
     if ranks.is_main:
         run.step_log = metrics.StepLog(run_dir, log, raw_model.flops_per_token(T), peak)
         run.tracker = WandbRun(cfg, run_dir, resume_id=summary.get("resumed_wandb_id"))
         summary["wandb_run_id"] = run.tracker.id  # a run that resumes this one continues its wandb run
-    summary.update(compute_dtype=dtype, mfu_peak_tflops=peak, mfu_peak_source=peak_source,
+    summary.update(compute_dtype=dtype, mfu_peak_tflops=peak, mfu_peak_source=peak_source, mfu_note=None,
                    params=raw_model.num_params(non_embedding=False), model_shape=run.model_shape)
     if value(cfg.optim.schedule) == "cosine" and 0 < cfg.train.steps <= cfg.optim.warmup_steps and ranks.is_main:
         log.warning(f"optim.warmup_steps={cfg.optim.warmup_steps} is not shorter than train.steps={cfg.train.steps}: "

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 from test_config import STAGES
@@ -30,7 +31,7 @@ def test_smoke_runs_every_phase(smoke):
     assert "skipped" in phases["tests"]["detail"]  # no CUDA here: the cuda suite skips, with its reasons in tests.log
     assert "no CUDA" in (out / "tests.log").read_text()
     env = json.loads((out / "env.json").read_text())
-    assert env["torch"] and env["gpu"] is None and "python_headers" in env
+    assert env["torch"] == torch.__version__ and env["gpu"] is None and isinstance(env["python_headers"], bool)
 
 
 def test_smoke_sweep_has_every_stage_and_a_report(smoke):
@@ -99,3 +100,27 @@ def test_a_sweep_cut_at_its_limit_is_ok_only_when_every_job_and_the_report_were_
         assert row["status"] == "ok" and "still exiting at the phase's time limit" in row["detail"]
     else:
         assert row["status"] == "timed out" and row["detail"].startswith("1 of 2 stages ok")
+
+
+def test_smoke_scan_runs_one_step_a_size(smoke):
+    _, out = smoke
+    scan = json.loads((out / "bench.json").read_text())["scan"]
+    assert [r["steps"] for r in scan] == [1, 1] and all(r["seq_len"] == 8 for r in scan)
+
+
+@pytest.mark.parametrize("smoke_run, given, threads", [
+    (True, None, "1"),  # a smoke run's children: one CPU thread each (two that wait on each other were 2x slower)
+    (True, "2", "2"),  # the caller's choice is kept
+    (False, None, "unset"),  # a real benchmark leaves torch to choose
+])
+def test_smoke_runs_use_one_cpu_thread_unless_told(tmp_path, monkeypatch, smoke_run, given, threads):
+    from gpt2.bench import Bench
+
+    if given is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    bench_ = Bench(tmp_path, budget_s=600, data=None, smoke=smoke_run)
+    code, _ = bench_.run("env", [sys.executable, "-c", "import os; print(os.environ.get('OMP_NUM_THREADS', 'unset'))"],
+                         "threads.log", limit_s=60)
+    assert code == 0 and (tmp_path / "threads.log").read_text().strip() == threads

@@ -48,7 +48,7 @@ from gpt2.report_chart import plot
 FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
           "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps", "steps_measured",
           "ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",
-          "mfu_peak_source", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib",
+          "mfu_peak_source", "mfu_note", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib",
           "peak_mem_kind", "final_loss", "val_loss", "started_at", "finished_at", "command", "host", "gpus"]
 INTEGER = ["job", "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps",
            "steps_measured"]
@@ -205,7 +205,9 @@ def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, sh
         if prev and (i == 0 or df["stage"].iloc[i - 1] != r["prev_stage"]):
             prev += f" (vs {r['prev_stage']})"  # the row above failed: compare with the last ok one
         mfu = cells.fmt(r["mfu"], "{:.1%}")[:-1]
-        if mfu and mixed_mfu and r["mfu_peak_source"] == "measured":
+        if mfu and isinstance(r["mfu_note"], str):  # above 100 % of a measured peak: not a figure to print
+            mfu = "n/a (above the measured peak)"
+        elif mfu and mixed_mfu and r["mfu_peak_source"] == "measured":
             mfu += " (measured peak)"
         fmt, mem = cells.fmt, cells.mem_cell
         rows.append([fmt(r["job"]), r["stage"], cells.adds_cell(r)] + [fmt(r[c]) for _, c in varying] +
@@ -269,8 +271,9 @@ def _section(df: pd.DataFrame, title: str) -> list:
     mfu_label = "MFU % (measured peak)" if sources == {"measured"} else "MFU %"
     if "measured" in sources:
         out.append("- **MFU:** " + ("" if mfu_label != "MFU %" else "cells marked (measured peak) are ")
-                   + "against a peak measured on this machine (one timed matmul), not a datasheet figure: it moves "
-                     "with the machine's load, compares only rows of this table, and is not charted")
+                   + "against a peak measured on this machine (`mfu_peak_tflops` in each summary.json), not a "
+                     "datasheet figure: it moves with the machine's load, compares only rows of this table, and is "
+                     "not charted")
     evals = _evaluated(df)
     if any(evals):
         out.append("- **evaluations:** " + rules.evals_note(*evals))

@@ -15,7 +15,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TEXT = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
-        "mfu_peak_source", "compute_dtype", "peak_mem_kind", "started_at", "finished_at", "command", "host", "gpus"]
+        "mfu_peak_source", "mfu_note", "compute_dtype", "peak_mem_kind", "started_at", "finished_at", "command", "host", "gpus"]
 INTEGER = ["job_num", "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps",
            "steps_measured"]
 FLOAT = ["ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",

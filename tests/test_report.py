@@ -317,6 +317,19 @@ def test_measured_peak_mfu_is_marked(tmp_path):
     assert "measured peak" not in datasheet and "**MFU:**" not in datasheet
 
 
+def test_mfu_above_the_measured_peak_is_not_printed_as_a_figure(tmp_path):
+    folder = tmp_path / "cpu"
+    make_run(folder, "0_baseline", "baseline", 100.0, device="cpu", mfu_peak_source="measured", mfu=1.4,
+             mfu_note="above 100 % of the measured peak: the peak was measured on a busy machine")
+    make_run(folder, "1_tf32", "tf32", 100.0, device="cpu", mfu_peak_source="measured", mfu=0.3, mfu_note=None)
+    out = build_report([folder])
+    md = squash(out["md"].read_text())
+    assert "n/a (above the measured peak)" in line(md, "| 0 | baseline") and "140.0" not in md
+    assert "| 30.0 |" in line(md, "| 1 | tf32")
+    csv = pd.read_csv(out["csv"])
+    assert csv["mfu_note"].iloc[0].startswith("above 100 %") and pd.isna(csv["mfu_note"].iloc[1])
+
+
 def test_grad_accum_row_shows_the_setting_that_ran(tmp_path):
     folder = tmp_path / "sweep"
     adds = "total batch 524,288 tokens (2^19, GPT-3 small's ~0.5M) by gradient accumulation"

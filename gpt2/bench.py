@@ -1,6 +1,6 @@
 """Measure a whole GPU in one go: environment, the CUDA tests, every stage, a micro-batch scan, one table.
 
-    python -m gpt2.bench --out DIR [--budget-s 480] [--data FILE] [--smoke]
+    python -m gpt2.bench --out DIR [--budget-s 480] [--data FILE] [--llmc DIR] [--smoke]
 
 Phases in priority order, each under its own time limit inside the budget; a phase that would not fit in
 what is left is recorded as skipped, never started and cut off:
@@ -8,6 +8,8 @@ what is left is recorded as skipped, never started and cut off:
     env     DIR/env.json: GPU, memory, driver, torch, CUDA, cuDNN, Triton, compilers, measured matmul rate
     tests   `pytest -m cuda tests/test_cuda.py` (DIR/tests.log, DIR/tests.xml)
     sweep   `python run.py -m +sweep=speedup_full`, every stage at B=16, T=1024; report in DIR/sweep/
+    peers   llm.c (built from --llmc DIR) and transformers' GPT2LMHeadModel at B=64, T=1024, 524,288
+            tokens per step, beside the sweep's fastest stage (gpt2/peers.py): DIR/peers.json, DIR/peers/
     scan    the fastest stage at other micro-batch sizes (B=16/32/64/128, T=1024, with peak memory): DIR/scan/
     table   DIR/bench.md and DIR/bench.json: what ran, status, ms/step, tok/s, MFU, peak reserved GiB
 
@@ -33,6 +35,8 @@ from typing import List, Optional
 
 from .bench_env import environment_facts
 from .errors import UsageError
+from .peers import check_llmc_dir, run_peers
+from .peers_table import fastest_run, peers_table
 
 REPO = Path(__file__).resolve().parents[1]  # run.py, conf/ and tests/ sit beside the package
 SWEEP = "speedup_full"
@@ -297,6 +301,7 @@ def bench_table(bench: Bench, facts: dict, sweep_folder: Optional[Path]) -> str:
                 f"{_num(r.get('peak_mem_reserved_gib'), '{:.1f}')} |")
         errors = [f"- {r.get('stage')}: {r['error']}" for r in runs if r.get("status") != "ok" and r.get("error")]
         lines += ["", *errors] if errors else []
+    lines += peers_table(bench.out)
     return "\n".join(lines) + "\n"
 
 
@@ -306,6 +311,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=480, help="wall-clock budget for all phases (default 480)")
     p.add_argument("--data", metavar="FILE", help="Tiny Shakespeare (or any text) instead of the download/cache")
     p.add_argument("--smoke", action="store_true", help="CPU-sized: tiny model, a few steps, in under a minute")
+    p.add_argument("--llmc", metavar="DIR", help="a karpathy/llm.c checkout: build train_gpt2cu, time it beside ours")
     p.add_argument("--sweep", default=SWEEP, help=f"the sweep config of conf/sweep/ to run (default {SWEEP})")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -319,6 +325,7 @@ def main(argv=None) -> int:
                              + ", ".join(sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))))
         if args.budget_s < 30:
             raise UsageError(f"--budget-s {args.budget_s:g} is too short to measure anything: give 30 or more")
+        llmc = check_llmc_dir(args.llmc)
         out.mkdir(parents=True, exist_ok=True)
     except (UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -329,7 +336,9 @@ def main(argv=None) -> int:
         bench.env()
         stages = composed_stages(args.sweep)
         bench.tests()
-        bench.scan(stages, bench.sweep(stages))
+        sweep_folder = bench.sweep(stages)
+        run_peers(bench, llmc, fastest_run(read_runs(sweep_folder)))
+        bench.scan(stages, sweep_folder)
     except KeyboardInterrupt:
         bench.record("bench", "interrupted", 0, "stopped by a signal; the table shows what finished")
     except Exception as e:  # a bug or a broken config: keep what ran, say what broke

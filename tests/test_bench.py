@@ -9,6 +9,7 @@ import torch
 
 from conftest import REPO
 from test_config import STAGES
+from test_peers import make_fake_llmc
 
 
 def bench(*args, timeout=900):
@@ -19,14 +20,16 @@ def bench(*args, timeout=900):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, shakespeare_path):
     out = tmp_path_factory.mktemp("bench") / "out"
-    return bench("--smoke", "--out", str(out), "--data", str(shakespeare_path), "--budget-s", "600"), out
+    llmc = make_fake_llmc(tmp_path_factory.mktemp("llm.c"))  # a stand-in train_gpt2cu (tests/test_peers.py)
+    return bench("--smoke", "--out", str(out), "--data", str(shakespeare_path), "--budget-s", "600",
+                 "--llmc", str(llmc)), out
 
 
 def test_smoke_runs_every_phase(smoke):
     result, out = smoke
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     phases = {p["phase"]: p for p in json.loads((out / "bench.json").read_text())["phases"]}
-    assert [p for p in phases] == ["env", "tests", "sweep", "scan"]
+    assert [p for p in phases] == ["env", "tests", "sweep", "peers", "scan"]
     assert all(p["status"] == "ok" for p in phases.values()), phases
     assert "skipped" in phases["tests"]["detail"]  # no CUDA here: the cuda suite skips, with its reasons in tests.log
     assert "no CUDA" in (out / "tests.log").read_text()
@@ -52,6 +55,15 @@ def test_smoke_packs_everything_into_one_archive(smoke):
         names = set(tar.getnames())
     assert {"bench.md", "env.json", "sweep/report.md", "sweep/0_baseline/summary.json",
             "sweep/0_baseline/metrics.jsonl"} <= names
+
+
+def test_smoke_peers_phase(smoke):
+    _, out = smoke
+    peers = json.loads((out / "peers.json").read_text())
+    assert [(r["peer"], r["status"]) for r in peers["peers"]] == [("llm.c", "ok"), ("transformers", "ok")], peers
+    assert peers["ours"]["tokens_per_sec"] == max(r["tokens_per_sec"] for r in json.loads(
+        (out / "bench.json").read_text())["sweep"] if r["status"] == "ok")
+    assert "## Peers, same card, same call" in (out / "bench.md").read_text()
 
 
 def test_smoke_scan_and_table(smoke):

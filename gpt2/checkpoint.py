@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .errors import UsageError
+from .model_files import ModelFileError, checkpoint_sizes, read_torch_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -153,24 +154,49 @@ def resolve_checkpoint_path(resume: str) -> Optional[Path]:
 
 
 def load_checkpoint(resume: str, model_shape: Optional[dict] = None) -> dict:
-    """The checkpoint as saved, with tensors on the CPU; clear errors for corrupt or mismatched files."""
+    """The checkpoint as saved, with tensors on the CPU, read as data only and checked part by part (its
+    weights against its model_shape: gpt2/model_files.py); clear errors for corrupt or mismatched files."""
     path = resolve_checkpoint_path(resume)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated zips and bad pickles
-        raise UsageError(f"train.resume={resume}: {path} is corrupt or truncated, or holds more than tensors "
-                         f"({type(e).__name__}); point train.resume at an intact checkpoint") from None
-    missing = {"model", "optimizer", "step", "data", "rng", "config", "model_shape"} - set(state)
+        state = read_torch_file(path)
+    except ModelFileError as e:
+        raise UsageError(f"train.resume={resume}: {e}; point train.resume at an intact checkpoint") from None
+    missing = PARTS - set(state) if isinstance(state, dict) else PARTS
     if missing:
         raise UsageError(f"train.resume={resume}: {path} is not a gpt2-speedrun checkpoint "
                          f"(missing {', '.join(sorted(missing))})")
-    if model_shape is not None and state["model_shape"] != model_shape:
-        diff = {k: (state["model_shape"].get(k), v) for k, v in model_shape.items()
-                if state["model_shape"].get(k) != v}
+    try:
+        saved_shape = checkpoint_sizes(state, path)
+        check_parts(state, path)
+    except ModelFileError as e:
+        raise UsageError(f"train.resume={resume}: {e}; point train.resume at a checkpoint a run wrote") from None
+    if model_shape is not None and saved_shape != model_shape:
+        diff = {k: (saved_shape.get(k), v) for k, v in model_shape.items() if saved_shape.get(k) != v}
         described = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
         raise UsageError(f"train.resume={resume}: the checkpoint is for a different model ({described}); "
                          "resume with the same model settings as the run that saved it")
     return state
+
+
+PARTS = {"model", "optimizer", "step", "data", "rng", "config", "model_shape"}
+
+
+def check_parts(state: dict, path: Path) -> None:
+    """The parts beside the weights have the types save_checkpoint writes: a file of nested junk is refused
+    here, in one line, not by a traceback half-way through resuming."""
+    rng = state["rng"]
+    problems = [
+        (type(state["step"]) is not int or state["step"] < 0, "'step' is not a number of steps"),
+        (not isinstance(state["data"], dict), "'data' is not a data position"),
+        (not isinstance(rng, dict) or not torch.is_tensor(rng.get("torch")) or rng["torch"].dtype != torch.uint8,
+         "'rng' holds no random generator state"),
+        (not isinstance(state["optimizer"], dict) or not isinstance(state["optimizer"].get("state"), dict)
+         or not isinstance(state["optimizer"].get("param_groups"), list), "'optimizer' is not an optimizer's state"),
+        (not isinstance(state["config"], str), "'config' is not the run's YAML"),
+    ]
+    for wrong, what in problems:
+        if wrong:
+            raise ModelFileError(f"{path}: {what}")
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -225,12 +251,17 @@ def resume_into(resume: str, *, model, optimizer, loader, model_shape: dict, con
     try:
         model.load_state_dict(state["model"])
         optimizer_changes = load_optimizer_state(optimizer, state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:  # other parameter names, groups or optimizer
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:  # other groups or optimizer
+        reason = f"no {e} in it" if isinstance(e, KeyError) else str(e).strip().splitlines()[0]
         raise UsageError(f"train.resume={resume}: the checkpoint does not fit this run's model or optimizer "
-                         f"({str(e).strip().splitlines()[0]}); resume with the stage and settings of the run "
-                         "that saved it") from None
-    loader.load_state_dict(state["data"])
-    set_rng_state(state["rng"], device)
+                         f"({reason}); resume with the stage and settings of the run that saved it") from None
+    try:
+        loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"], device)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:  # written by something else
+        raise UsageError(f"train.resume={resume}: {path} holds a data position or random state this run cannot "
+                         f"use ({type(e).__name__}: {str(e).strip()[:80]}); point train.resume at a checkpoint "
+                         "a run wrote") from None
     changes = config_changes(state["config"], config_yaml)
     if changes:
         log.warning(f"train.resume: this run's settings differ from the saved run's, so it will not continue "

@@ -51,8 +51,12 @@ def command_line() -> str:
     if os.environ.get("SUBMITIT_FOLDER"):  # set by submitit in its job process only
         return shlex.join(submitted_command())
     ranks = distributed.ranks_from_env()
-    launcher = ["python"] if ranks.world_size == 1 else ["torchrun", f"--nproc_per_node={ranks.world_size}"]
     argv = [a for a in sys.argv if a not in distributed.hydra_overrides_for_rank(ranks)]
+    script = not argv[0].endswith(".py")  # an installed command (gpt2-train), typed by its name, not via python
+    if script:
+        argv[0] = os.path.basename(argv[0])
+    launcher = ([] if script else ["python"]) if ranks.world_size == 1 else \
+        ["torchrun", f"--nproc_per_node={ranks.world_size}"] + (["--no-python"] if script else [])
     return shlex.join(launcher + argv)
 
 

@@ -206,47 +206,34 @@ class GPT(nn.Module):
                         attention: str = "flash") -> "GPT":
         """GPT-2 weights from the Hugging Face hub (gpt2 ... gpt2-xl) or a folder written by transformers.
 
+        The files are read as data (model.safetensors, else pytorch_model.bin with weights_only) and
+        config.json and every tensor are checked before the model is built (gpt2/model_files.py): a bad
+        file is a ModelFileError (a ValueError) naming it; no folder and no hub access is an OSError.
         vocab_size larger than the checkpoint's pads the token table (e.g. 50304); the padded rows are
         the mean of the real ones, so each padded logit is the mean real logit and, by Jensen, the
         padding can take at most pad/vocab of the probability mass (47/50257: under 0.001 nats of loss).
         """
-        from transformers import GPT2LMHeadModel  # heavy import, only needed here
+        from gpt2.model_files import HFWeights, check_mask_memory, hub_or_folder
 
-        # "gpt2" run from this repository's root would be taken for our package folder: unless a folder of that
-        # name holds a transformers checkpoint, a GPT-2 name means the hub's model
-        if name_or_path.startswith("gpt2") and name_or_path in PRESETS \
-                and not (Path(name_or_path) / "config.json").is_file():
-            name_or_path = f"openai-community/{name_or_path}"
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(name_or_path).model_type
-        if model_type != "gpt2":  # transformers would build a GPT-2 around it with random weights
-            raise ValueError(f"{name_or_path} holds a {model_type} model, not GPT-2")
-        hf, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
-        missing = sorted(k for k in info["missing_keys"] if not k.endswith((".attn.bias", ".attn.masked_bias"))
-                         and k != "lm_head.weight")  # causal-mask buffers, and the head tied to wte
-        unexpected = sorted(info["unexpected_keys"])
-        if missing or unexpected:
-            raise ValueError(f"{name_or_path} is not a complete GPT-2 checkpoint (missing: {missing[:3] or 'none'}, "
-                             f"unexpected: {unexpected[:3] or 'none'})")
-        hc = hf.config
-        config = GPTConfig(block_size=hc.n_positions, vocab_size=max(vocab_size or hc.vocab_size, hc.vocab_size),
-                           n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, attention=attention,
-                           tokenizer_vocab_size=hc.vocab_size)
+        folder, shown = hub_or_folder(name_or_path)
+        hf = HFWeights(folder, shown)  # checked against its config.json; nothing is built yet
+        sizes = hf.sizes
+        hf_vocab = sizes["vocab_size"]
+        config = GPTConfig(block_size=sizes["block_size"], vocab_size=max(vocab_size or hf_vocab, hf_vocab),
+                           n_layer=sizes["n_layer"], n_head=sizes["n_head"], n_embd=sizes["n_embd"],
+                           attention=attention, tokenizer_vocab_size=hf_vocab)
+        if attention == "manual":
+            check_mask_memory(sizes, hf.nbytes, f"{shown}/config.json")
         model = cls(config)
         sd = model.state_dict()
         with torch.no_grad():
-            for key, value in hf.state_dict().items():
-                if key.endswith(".attn.bias") or key.endswith(".attn.masked_bias") or key == "lm_head.weight":
-                    continue  # causal-mask buffers; lm_head is tied to wte
+            for key, value in hf.tensors():
                 if key.endswith(cls._CONV1D):
                     value = value.t()
                 if key == "transformer.wte.weight":
-                    sd[key][: hc.vocab_size].copy_(value)
-                    sd[key][hc.vocab_size:].copy_(value.mean(dim=0))
+                    sd[key][:hf_vocab].copy_(value)
+                    sd[key][hf_vocab:].copy_(value.float().mean(dim=0))
                     continue
-                if sd[key].shape != value.shape:
-                    raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model {tuple(sd[key].shape)}")
                 sd[key].copy_(value)
         return model
 

@@ -44,6 +44,8 @@ def test_gpt2_train_trains_from_another_folder(tmp_path, shakespeare_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["stage"] == "flash" and summary["steps"] == 1
     assert (run_dir / "run.log").is_file()  # Hydra's job name stays `run`, as under python run.py
+    # the command recorded to re-run it is the one typed, by its name, not `python .venv/bin/gpt2-train`
+    assert summary["command"].startswith("gpt2-train +stage=flash model=tiny "), summary["command"]
 
 
 @pytest.mark.parametrize("args", [

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -37,6 +36,7 @@ from .bench_env import environment_facts
 from .errors import UsageError
 from .peers import check_llmc_dir, run_peers
 from .peers_table import fastest_run, peers_table
+from .time_limit import wait_within
 
 REPO = Path(__file__).resolve().parents[1]  # run.py, conf/ and tests/ sit beside the package
 SWEEP = "speedup_full"
@@ -99,20 +99,9 @@ class Bench:
         with (self.out / log_name).open("w") as log:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
-            try:
-                code = proc.wait(timeout=max(limit_s, 1))
-            except subprocess.TimeoutExpired:
-                code = None  # "timed out", whatever the run's own exit code after the signal
-                proc.send_signal(signal.SIGTERM)  # the main process only: its compile workers keep going
-                try:
-                    proc.wait(timeout=GRACE_S)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            code = wait_within(proc, limit_s, GRACE_S, whole_group=False)  # SIGTERM the run: it saves its step
+            if code is None:
                 log.write(f"\n[bench] stopped at the phase's time limit of {limit_s:.0f} s\n")
-            except BaseException:  # our own Ctrl-C: take the child down with us
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise
         return code, time.monotonic() - t0
 
     def pack(self) -> None:

@@ -14,7 +14,6 @@ and a one-line reason, never a traceback and never a figure it did not measure.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import List, Optional
 from . import peers_llmc
 from .errors import UsageError
 from .peers_table import ours_over_peer
+from .time_limit import wait_within
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CHECKOUT = "no llm.c checkout given (--llmc DIR)"
@@ -76,20 +76,10 @@ def run_logged(cmd: List[str], log_path: Path, limit_s: float, cwd: Optional[Pat
         except OSError as e:  # not executable, no such file
             log.write(f"{e}\n")
             return 127
-        try:
-            return proc.wait(timeout=max(limit_s, 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=KILL_GRACE_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        code = wait_within(proc, limit_s, KILL_GRACE_S, whole_group=True)
+        if code is None:
             log.write(f"\n[peers] stopped at the time limit of {limit_s:.0f} s\n")
-            return None
-        except BaseException:  # our own Ctrl-C: take the child down with us
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        return code
 
 
 def last_line(log_path: Path, skip_prefixes=("make: ***", "make[", "[peers]", "$ ")) -> str:

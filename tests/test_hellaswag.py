@@ -57,11 +57,11 @@ def hf_folder(tmp_path_factory):
     return folder
 
 
-def transformers_losses(folder, rows):
-    """The independent computation: transformers' model, tiktoken's encoding, one unpadded sequence per ending."""
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+def reference_losses(logits_of, rows, max_len=None):
+    """The independent computation: tiktoken's tokens of ctx + " " + ending, one unpadded sequence per ending
+    (with max_len, its last max_len tokens: every sequence given here is cut), the loss summed and averaged over
+    the ending tokens kept (all but a first kept token, which has nothing before it to predict it).
+    logits_of(ids) is the model's (len(ids), vocab) logits."""
     enc = tiktoken.get_encoding("r50k_base")
     sums, means = [], []
     for row in rows:
@@ -69,15 +69,27 @@ def transformers_losses(folder, rows):
         s, m = [], []
         for ending in row["endings"]:
             end = enc.encode_ordinary(" " + ending)
-            ids = torch.tensor([ctx + end])
+            ids = ctx + end
+            if max_len is not None:
+                assert len(ids) > max_len  # every sequence here is cut
+                ids = ids[-max_len:]
             with torch.no_grad():
-                logp = F.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
-            token_losses = -logp[torch.arange(len(ids[0]) - 1), ids[0, 1:]][-len(end):]
-            s.append(token_losses.sum().item())
-            m.append(token_losses.mean().item())
+                logits = logits_of(ids)
+            losses = F.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]), reduction="none")
+            scored = losses[-min(len(end), len(ids) - 1):]
+            s.append(scored.sum().item())
+            m.append(scored.mean().item())
         sums.append(s)
         means.append(m)
     return torch.tensor(sums, dtype=torch.float64), torch.tensor(means, dtype=torch.float64)
+
+
+def transformers_losses(folder, rows):
+    """The reference on transformers' model."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    return reference_losses(lambda ids: model(torch.tensor([ids])).logits[0], rows)
 
 
 def test_scoring_equals_an_independent_transformers_computation(hf_folder):
@@ -106,27 +118,8 @@ def test_batching_and_ranks_do_not_change_the_counts(hf_folder):
 
 
 def truncated_reference(model, rows, max_len):
-    """The independent computation for rows longer than the context: tiktoken's tokens of ctx + " " + ending,
-    the last max_len of them, one unpadded sequence per ending, the loss summed over the ending tokens kept
-    (all but the first kept token, which has nothing before it to predict it)."""
-    enc = tiktoken.get_encoding("r50k_base")
-    sums, means = [], []
-    for row in rows:
-        ctx = enc.encode_ordinary(row["ctx"])
-        s, m = [], []
-        for ending in row["endings"]:
-            end = enc.encode_ordinary(" " + ending)
-            ids = (ctx + end)[-max_len:]
-            assert len(ctx + end) > max_len  # every sequence here is cut
-            with torch.no_grad():
-                logits = model(torch.tensor([ids]))[0][0]
-            losses = F.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]), reduction="none")
-            scored = losses[-min(len(end), len(ids) - 1):]
-            s.append(scored.sum().item())
-            m.append(scored.mean().item())
-        sums.append(s)
-        means.append(m)
-    return torch.tensor(sums, dtype=torch.float64), torch.tensor(means, dtype=torch.float64)
+    """The reference for rows longer than the context, on our model."""
+    return reference_losses(lambda ids: model(torch.tensor([ids]))[0][0], rows, max_len)
 
 
 def test_rows_longer_than_the_context_keep_their_ending():

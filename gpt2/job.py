@@ -199,16 +199,18 @@ def run_job(cfg, train_fn) -> dict:
         # rank 0 said so and ended before Hydra wrote here (claim_folder); the other ranks end alike, untouched
         return _summary_in(run_dir)
     summary = new_summary(cfg, hydra_cfg)
-    if ranks.is_main:
-        _save_summary(run_dir, summary)  # "running": a process killed hard is never mistaken for a finished run
     code = 1
     try:
-        cfg = with_stage_overrides(cfg)
-        summary["config"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        if _sweep_interrupted:
-            summary.update(status="interrupted", error="not run: an earlier job of this sweep was interrupted")
-        else:
-            with sigterm_stops_at_once():
+        # the stop signals are caught before summary.json exists: once it says "running", a SIGTERM at any
+        # moment ends the job "interrupted", never killed with the summary left "running"
+        with sigterm_stops_at_once():
+            if ranks.is_main:
+                _save_summary(run_dir, summary)  # "running": a process killed hard is never taken for a finished run
+            cfg = with_stage_overrides(cfg)
+            summary["config"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+            if _sweep_interrupted:
+                summary.update(status="interrupted", error="not run: an earlier job of this sweep was interrupted")
+            else:
                 train_fn(cfg, run_dir, summary)
     except UsageError as e:
         summary.update(status="failed", error=str(e))

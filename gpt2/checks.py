@@ -91,10 +91,28 @@ def check_sizes(cfg, block_size: int, world_size: int) -> int:
     return seq_len
 
 
+def check_fp8_head(cfg, gpt_config: GPTConfig, ranks) -> None:
+    """model.loss=fused_fp8 (the fp8-head stage): sizes its FP8 matmuls take, on a device that has them. The
+    device is resolved here (as the run will) so that a sweep's job, checked only when it starts, is refused too."""
+    if value(cfg.model.loss) != "fused_fp8":
+        return
+    from .devices import resolve_device
+    from .fp8 import ALIGNMENT, fp8_unsupported_reason
+
+    for key, size in (("model.vocab_size", gpt_config.vocab_size), ("model.n_embd", gpt_config.n_embd)):
+        _require(size % ALIGNMENT == 0, f"model.loss=fused_fp8 needs {key} to be a multiple of {ALIGNMENT} (FP8 "
+                                        f"matmuls), not {size}: " + ("use model.vocab_size=50304" if "vocab" in key
+                                                                     else "choose another width"))
+    reason = fp8_unsupported_reason(resolve_device(value(cfg.train.device), ranks))
+    _require(reason is None, f"model.loss=fused_fp8 (stage fp8-head) needs FP8 matmuls, but {reason}: use "
+                             "model.loss=fused (the big-batch stage) on this device")
+
+
 def check_config(cfg, ranks) -> GPTConfig:
     """Every check that needs no model or data yet; the model's config."""
     check_numbers(cfg)
     gpt_config = check_model(cfg)
+    check_fp8_head(cfg, gpt_config, ranks)
     if cfg.model.init_from == "scratch":
         check_sizes(cfg, gpt_config.block_size, ranks.world_size)
     return gpt_config

@@ -32,6 +32,9 @@ GPT2LMHeadModel in the same rounds): gpt2 B=4 T=128: textbook plain 0.986, old l
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+from .fp8 import ALIGNMENT, E4M3, E5M2, column_major, fp8_mm, to_fp8
 
 # Elements per chunk of logits: 2^27, i.e. 2624 rows at V=50304 (rows rounded down to a multiple of 64 so
 # each chunk's matmuls fill whole tensor-core tiles): 264 MB of bf16 logits (528 MB in fp32) per chunk, where
@@ -54,6 +57,25 @@ def chunk_rows_for(vocab_size: int) -> int:
     return rows - rows % 64 if rows > 64 else rows
 
 
+def chunk_loss_and_dlogits(logits: torch.Tensor, target: torch.Tensor, s: torch.Tensor):
+    """One chunk's share of the loss (fp32 scalar) and d loss / d logits (r, V) in fp32: (softmax - onehot) * s,
+    s (r, 1) being each row's weight in the mean."""
+    if torch.compiler.is_compiling():
+        # pointwise and reductions over the chunk, which the compiler fuses into a few kernels;
+        # the target's logit as a masked sum (a gather is scheduled late, keeping logits alive)
+        z = logits.float()
+        lse = z.logsumexp(-1, keepdim=True)
+        onehot = torch.arange(z.size(1), device=z.device) == target
+        return ((lse - (z * onehot).sum(-1, keepdim=True)) * s).sum(), ((z - lse).exp() - onehot.float()) * s
+    # eager: fused log_softmax, then its buffer turned into the gradient in place (no more (r, V) buffers,
+    # which on a CPU would be fresh memory paid in page faults)
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    chunk_loss = -(logp.gather(1, target) * s).sum()
+    dlogits = logp.exp_()  # softmax, in place
+    dlogits.scatter_add_(1, target, torch.full_like(s, -1.0))  # - onehot(target)
+    return chunk_loss, dlogits.mul_(s)
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """loss = mean over valid rows of cross_entropy(x @ weight.T, targets); gradients computed in forward."""
 
@@ -74,22 +96,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 rows = slice(start, start + chunk_rows)
                 x_chunk, target, s = xs[rows], safe_targets[rows, None], scale[rows]
                 logits = x_chunk @ w.t()  # (r, V) in the matmul dtype
-                if torch.compiler.is_compiling():
-                    # pointwise and reductions over the chunk, which the compiler fuses into a few kernels;
-                    # the target's logit as a masked sum (a gather is scheduled late, keeping logits alive)
-                    z = logits.float()
-                    lse = z.logsumexp(-1, keepdim=True)
-                    onehot = torch.arange(z.size(1), device=z.device) == target
-                    loss = loss + ((lse - (z * onehot).sum(-1, keepdim=True)) * s).sum()
-                    dlogits = (((z - lse).exp() - onehot.float()) * s).to(compute_dtype)
-                else:
-                    # eager: fused log_softmax, then its buffer turned into the gradient in place (no more
-                    # (r, V) buffers, which on a CPU would be fresh memory paid in page faults)
-                    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-                    loss = loss - (logp.gather(1, target) * s).sum()
-                    dlogits = logp.exp_()  # softmax, in place
-                    dlogits.scatter_add_(1, target, torch.full_like(s, -1.0))  # - onehot(target)
-                    dlogits = dlogits.mul_(s).to(compute_dtype)
+                chunk_loss, dlogits = chunk_loss_and_dlogits(logits, target, s)
+                loss = loss + chunk_loss
+                dlogits = dlogits.to(compute_dtype)
                 grad_x[rows] = dlogits @ w  # cast to x's dtype
                 if grad_w is None:  # the first chunk's product is the buffer (no zero-filled one to add into)
                     grad_w = (dlogits.t() @ x_chunk).to(weight.dtype)
@@ -109,14 +118,58 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_x.mul_(grad_loss), grad_w.mul_(grad_loss), None, None, None, None
 
 
+class FP8LinearCrossEntropy(FusedLinearCrossEntropy):
+    """FusedLinearCrossEntropy with its three matmuls in FP8 (gpt2/fp8.py): logits = x8 @ w8.T (e4m3 x e4m3),
+    grad_x = g8 @ w8 and grad_W += g8.T @ x8 (e5m2 x e4m3), each product in the compute dtype; the softmax,
+    the loss and the sums over chunks as in the parent, whose backward (scaling the saved gradients) this is."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index: int, chunk_rows: int, compute_dtype: torch.dtype):
+        n = x.size(0)
+        pad = -n % ALIGNMENT  # rows are K of the grad_W matmul: zero rows with ignored targets count for nothing
+        xs = F.pad(x, (0, 0, 0, pad)) if pad else x
+        targets = F.pad(targets, (0, pad), value=ignore_index) if pad else targets
+        valid = targets != ignore_index
+        safe_targets = torch.where(valid, targets, 0)
+        n_valid = valid.sum().float()
+        scale = (valid.float() / n_valid)[:, None]
+        grad_max = torch.finfo(E5M2).max
+        with torch.autocast(x.device.type, enabled=False):
+            x8, x_inv = to_fp8(xs)  # (N, C) e4m3, one scale for all rows
+            w8, w_inv = to_fp8(weight)  # (V, C) e4m3
+            w8_k_major = column_major(w8)  # (V, C) with V contiguous: K of the grad_x matmul
+            # d loss / d logits = (softmax - onehot) / n_valid lies within [-1, 1] / n_valid: that bound is the
+            # gradient's scale (e5m2's largest number at 1/n_valid), which spares a pass over each chunk for amax
+            grad_scale = grad_max * n_valid
+            grad_inv = grad_scale.reciprocal()
+            grad_x = torch.empty_like(xs)
+            grad_w = None
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            for start in range(0, n + pad, chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                x8_chunk = x8[rows]
+                logits = fp8_mm(x8_chunk, x_inv, w8.t(), w_inv, compute_dtype, fast_accum=True)  # (r, V)
+                chunk_loss, dlogits = chunk_loss_and_dlogits(logits, safe_targets[rows, None], scale[rows])
+                loss = loss + chunk_loss
+                g8 = (dlogits * grad_scale).clamp(-grad_max, grad_max).to(E5M2)
+                grad_x[rows] = fp8_mm(g8, grad_inv, w8_k_major, w_inv, compute_dtype)  # cast to x's dtype
+                # K = the chunk's rows: both operands row-contiguous, g8 transposed (a copy of one chunk)
+                grad_w_chunk = fp8_mm(g8.t().contiguous(), grad_inv, column_major(x8_chunk), x_inv, compute_dtype)
+                grad_w = grad_w_chunk.to(weight.dtype) if grad_w is None else grad_w.add_(grad_w_chunk)
+        ctx.save_for_backward(grad_x[:n], grad_w)
+        return loss
+
+
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               ignore_index: int = -100, chunk_rows: Optional[int] = None) -> torch.Tensor:
+                               ignore_index: int = -100, chunk_rows: Optional[int] = None,
+                               fp8: bool = False) -> torch.Tensor:
     """Mean cross-entropy (fp32) of the logits x @ weight.T against targets, without the (N, V) logits.
 
     x: (N, C) hidden states, weight: (V, C) classifier (lm_head's, tied to the token table), targets: (N,)
     int64 with ignore_index for rows that do not count. Same value and gradients as
     F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index); under autocast the
-    matmuls run in the autocast dtype, as autocast would run F.linear.
+    matmuls run in the autocast dtype, as autocast would run F.linear. fp8: the three matmuls in FP8 with
+    dynamic per-tensor scales instead (FP8LinearCrossEntropy; vocabulary and width multiples of 16).
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -124,4 +177,10 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: t
     else:
         compute_dtype = torch.promote_types(x.dtype, weight.dtype)
     rows = chunk_rows or chunk_rows_for(weight.size(0))
-    return FusedLinearCrossEntropy.apply(x, weight, targets, ignore_index, rows, compute_dtype)
+    if not fp8:
+        return FusedLinearCrossEntropy.apply(x, weight, targets, ignore_index, rows, compute_dtype)
+    if weight.size(0) % ALIGNMENT or weight.size(1) % ALIGNMENT:
+        raise ValueError(f"FP8 matmuls need the vocabulary ({weight.size(0)}) and the width ({weight.size(1)}) "
+                         f"to be multiples of {ALIGNMENT}: pad the vocabulary (50304) or use fp8=False")
+    rows = -(-rows // ALIGNMENT) * ALIGNMENT  # each chunk's rows are K of its grad_W matmul
+    return FP8LinearCrossEntropy.apply(x, weight, targets, ignore_index, rows, compute_dtype)

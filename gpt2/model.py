@@ -38,13 +38,14 @@ class GPTConfig:
     n_embd: int = 768
     attention: str = "manual"  # "manual" (explicit causal mask) or "flash" (scaled_dot_product_attention)
     loss: str = "plain"  # "plain" (logits, then cross-entropy) or "fused" (chunked; no full logits)
+    #                      or "fused_fp8" (fused, the classifier's matmuls in FP8: gpt2/fp8.py)
     tokenizer_vocab_size: Optional[int] = None  # ids the tokenizer can emit; the rest is padding (None: all)
 
     def __post_init__(self):
         if self.attention not in ("manual", "flash"):
             raise ValueError(f"attention must be 'manual' or 'flash', not {self.attention!r}")
-        if self.loss not in ("plain", "fused"):
-            raise ValueError(f"loss must be 'plain' or 'fused', not {self.loss!r}")
+        if self.loss not in ("plain", "fused", "fused_fp8"):
+            raise ValueError(f"loss must be 'plain', 'fused' or 'fused_fp8', not {self.loss!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.tokenizer_vocab_size is None:  # a table padded beyond GPT-2's 50257 ids (50304) is padding
@@ -175,8 +176,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache.layers[i])
         x = self.transformer.ln_f(x)
-        if targets is not None and self.config.loss == "fused":
-            return None, fused_linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        if targets is not None and self.config.loss in ("fused", "fused_fp8"):
+            return None, fused_linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                                    fp8=self.config.loss == "fused_fp8")
         logits = self.lm_head(x if cache is None else x[:, -1:])
         loss = None
         if targets is not None:

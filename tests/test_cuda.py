@@ -444,3 +444,31 @@ def test_a_cuda_checkpoint_resumes_to_the_same_losses(tmp_path, run, monkeypatch
     # with atomics, so the order of fp32 additions (not the values) may differ run to run: ~1e-7 relative.
     # A resume bug (another batch, lost moments, wrong LR) moves these losses by 1e-4 or more
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_fp8_head_runs_torch_scaled_mm_and_stays_close_to_the_bf16_fused_head(cuda):
+    """The fp8-head stage's kernels (torch._scaled_mm, cuBLASLt) on this GPU: they accept the operand layouts
+    FP8LinearCrossEntropy makes, and loss and gradients stay within the CPU suite's tolerances of the bf16
+    fused head (tests/test_fp8_head.py: loss 5e-3 relative, gradients 0.1 relative Frobenius norm)."""
+    from gpt2.fp8 import fp8_unsupported_reason
+    from gpt2.fused_loss import fused_linear_cross_entropy
+
+    reason = fp8_unsupported_reason(cuda)
+    if reason:
+        pytest.skip(reason)
+    n, c, vocab = 4 * 1024 + 5, 768, 50304  # an N that is not a multiple of 16: the head pads it
+    x = torch.randn(n, c, device=cuda) * 2
+    w = torch.randn(vocab, c, device=cuda) * 0.02
+    y = torch.randint(0, 50257, (n,), device=cuda)
+
+    def head(fp8):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fused_linear_cross_entropy(xi, wi, y, fp8=fp8)
+        loss.backward()
+        return loss.detach(), xi.grad, wi.grad
+
+    want, got = head(False), head(True)
+    assert got[0] == pytest.approx(want[0].item(), rel=5e-3)
+    assert relative_error(got[1], want[1]) < 0.1 and relative_error(got[2], want[2]) < 0.1
+    assert not torch.equal(got[2], want[2])  # the FP8 kernels ran, not the bf16 ones

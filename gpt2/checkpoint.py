@@ -1,10 +1,7 @@
 """Checkpoints that survive a kill mid-write and load without unpickling arbitrary objects."""
 
-import errno
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -12,67 +9,12 @@ import torch
 from omegaconf import OmegaConf
 
 from .errors import UsageError
+from .files import atomic_write_bytes
 from .model_files import ModelFileError, checkpoint_sizes, read_torch_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 log = logging.getLogger("gpt2.checkpoint")
-
-
-class _WatchedFile:
-    """A file whose write() remembers what it raised: torch.save turns a KeyboardInterrupt or an OSError
-    (disk full) inside its writer into "RuntimeError: unexpected pos", which would hide both."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except BaseException as e:
-            self.error = self.error or e
-            raise
-
-    def flush(self):
-        return self.f.flush()
-
-
-def _no_space(path: Path, e: OSError) -> OSError:
-    where = f"{path.parent} (writing {path.name})"
-    return OSError(e.errno, f"no space left on the device of {where}; the previous {path.name} is kept. "
-                            "Free some space, or point the run elsewhere (hydra.run.dir=...)")
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it over `path`.
-
-    A reader sees the old file or the new one, never half of one: a process killed mid-write leaves the
-    previous checkpoint (or summary) intact and only a stray temporary file behind; an interrupt or an error
-    during the write removes the temporary file and is raised as what it is (KeyboardInterrupt, a clear
-    "no space left" OSError), not as the writer's own complaint.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    watched = None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            watched = _WatchedFile(f)
-            write(watched)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        cause = (watched.error if watched is not None else None) or e.__context__ or e
-        if isinstance(cause, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
-        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-            raise _no_space(path, cause) from None
-        raise
 
 
 def rng_state(device: Optional[torch.device] = None) -> dict:

@@ -16,16 +16,14 @@ import hashlib
 import logging
 import os
 import struct
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gpt2 import tokenizer
-from gpt2.checkpoint import atomic_write_bytes
+from gpt2.files import atomic_write_bytes, download
 from gpt2.config import DataConfig
 from gpt2.errors import UsageError
 from gpt2.model import GPT2_VOCAB_SIZE
@@ -72,15 +70,7 @@ def _read_local(path_str: str) -> str:
 
 def _download(name: str, url: str, dest: Path, sha256) -> bytes:
     """Fetch `url` into `dest`, checked against `sha256` before anything is written."""
-    log.info("downloading %s to %s", url, dest)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
-    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, a malformed url
-        # "HTTP Error 404: Not Found", "[Errno 111] Connection refused", "timed out", ...
-        reason = e.reason if type(e) is urllib.error.URLError else e
-        raise UsageError(f"could not download {name} from {url} ({reason}); download it yourself and pass "
-                         f"data.path=FILE") from None
+    data = download(url, name, "download it yourself and pass data.path=FILE")
     if sha256 and _sha256(data) != sha256:
         raise UsageError(f"checksum mismatch for {url}: got sha256 {_sha256(data)}, expected {sha256} "
                          f"(data.sha256); retry, or download it yourself and pass data.path=FILE")

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fp8 import ALIGNMENT, E4M3, E5M2, column_major, fp8_mm, to_fp8
+from .fp8 import ALIGNMENT, E5M2, column_major, fp8_mm, to_fp8
 
 # Elements per chunk of logits: 2^27, i.e. 2624 rows at V=50304 (rows rounded down to a multiple of 64 so
 # each chunk's matmuls fill whole tensor-core tiles): 264 MB of bf16 logits (528 MB in fp32) per chunk, where

@@ -42,8 +42,8 @@ import torch
 from torch.nn import functional as F
 
 from .logprobs import complete_chars, score_prompts, step_logprobs
+from .tokenizer import EOT  # noqa: F401  (sample and serve stop at it; one constant, the tokenizer's)
 
-EOT = 50256  # <|endoftext|>
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (see the module's docstring)
 SEED_SPACE = 2**64  # torch's seeds: an integer is taken modulo this
 

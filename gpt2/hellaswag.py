@@ -16,9 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import List, Optional
 
@@ -26,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from gpt2 import tokenizer
-from gpt2.checkpoint import atomic_write_bytes
+from gpt2.files import atomic_write_bytes, cache_root, download
 from gpt2.errors import UsageError
 
 log = logging.getLogger("gpt2.hellaswag")
@@ -45,19 +42,11 @@ def git_blob_sha1(data: bytes) -> str:
 
 
 def cache_path() -> Path:
-    root = Path(os.path.expanduser(os.environ.get("GPT2_SPEEDRUN_CACHE", "~/.cache/gpt2-speedrun")))
-    return root / "hellaswag" / FILE_NAME
+    return cache_root() / "hellaswag" / FILE_NAME
 
 
 def _download(dest: Path, flag: str) -> None:
-    log.info(f"downloading {URL} to {dest}")
-    try:
-        with urllib.request.urlopen(URL, timeout=60) as response:
-            data = response.read()
-    except (OSError, ValueError) as e:
-        reason = e.reason if type(e) is urllib.error.URLError else e
-        raise UsageError(f"could not download HellaSwag from {URL} ({reason}); download {FILE_NAME} yourself "
-                         f"and pass {flag}") from None
+    data = download(URL, "HellaSwag", f"download {FILE_NAME} yourself and pass {flag}")
     got = git_blob_sha1(data)
     if got != GIT_BLOB_SHA1:
         raise UsageError(f"checksum mismatch for {URL}: git blob id {got}, expected {GIT_BLOB_SHA1}; retry, or "

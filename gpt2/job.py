@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import distributed
-from .checkpoint import RESUME_AUTO, atomic_write_bytes
+from .checkpoint import RESUME_AUTO
+from .files import atomic_write_bytes
 from .config import register_configs
 from .errors import UsageError
 from .folders import _summary_in, finished_run_note

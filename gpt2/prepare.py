@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from gpt2 import tokenizer
-from gpt2.checkpoint import atomic_write_bytes
+from gpt2.files import atomic_write_bytes, cache_root
 from gpt2.errors import UsageError
 from gpt2.shards import read_shard, shard_name, write_shard
 from gpt2.sources import changes, fingerprint, local_files, local_root, open_documents
@@ -55,7 +55,7 @@ SHARD_TOKENS = 10**8
 
 def cache_dir() -> Path:
     """The project's cache folder, as data.cache_dir resolves it (GPT2_SPEEDRUN_CACHE or ~/.cache/gpt2-speedrun)."""
-    return Path(os.path.expanduser(os.environ.get("GPT2_SPEEDRUN_CACHE", "~/.cache/gpt2-speedrun")))
+    return cache_root()
 
 
 def default_out(dataset: str) -> Path:

@@ -43,24 +43,28 @@ import pandas as pd
 from gpt2 import report_cells as cells, report_input, report_rules as rules
 from gpt2.errors import UsageError
 from gpt2.report_chart import plot
+from gpt2.report_columns import TableOptions, markdown_table
 
-# read from summary.json, in report.csv order
-FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
-          "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps", "steps_measured",
-          "ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",
-          "mfu_peak_source", "mfu_note", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib",
-          "peak_mem_kind", "final_loss", "val_loss", "started_at", "finished_at", "command", "host", "gpus"]
-INTEGER = ["job", "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps",
-           "steps_measured"]
-NUMERIC = INTEGER + ["ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu",
-                     "mfu_peak_tflops", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib", "final_loss",
-                     "val_loss"]
+# read from summary.json, in report.csv order, each with the type it is read as: int (exact, Int64), float, or
+# str (anything else, kept as it is). A new column: a field here and a Column in gpt2/report_columns.py
+FIELD_TYPES = {
+    "stage": str, "adds": str, "status": str, "error": str, "device": str, "device_type": str, "torch_version": str,
+    "cuda_version": str, "model": str, "batch_size": int, "seq_len": int, "world_size": int,
+    "grad_accum_steps": int, "tokens_per_step": int, "steps": int, "steps_measured": int, "ms_per_step": float,
+    "ms_per_step_min": float, "ms_per_step_max": float, "tokens_per_sec": float, "mfu": float,
+    "mfu_peak_tflops": float, "mfu_peak_source": str, "mfu_note": str, "compute_dtype": str,
+    "peak_mem_gib": float, "peak_mem_reserved_gib": float, "device_mem_gib": float, "peak_mem_kind": str,
+    "final_loss": float, "val_loss": float, "started_at": str, "finished_at": str, "command": str, "host": str,
+    "gpus": str,
+}
+FIELDS = list(FIELD_TYPES)
+INTEGER = ["job"] + [f for f, kind in FIELD_TYPES.items() if kind is int]
+NUMERIC = INTEGER + [f for f, kind in FIELD_TYPES.items() if kind is float]
 SPEEDUPS = ["speedup_vs_baseline", "speedup_vs_prev", "baseline_stage", "prev_stage"]
 CSV_COLUMNS = ["folder", "device_label", "run_dir", "job"] + FIELDS + SPEEDUPS + ["group", "ms_iqr_rel", "noisy",
                                                                      "overlapped_with"]
 # appended to report.csv only when a run evaluated during training (as the table's columns), so the speed
 # sweeps' files stay as they were; val_loss (final) is in FIELDS
-EVAL_HEADER = ["val loss (best)", "HellaSwag acc_norm", "HellaSwag acc_norm (best)"]
 EVAL_COLUMNS = ["val_loss_best", "val_evals", "hellaswag_acc_norm", "hellaswag_acc_norm_best", "hellaswag_evals"]
 # Run facts shown once in the header when all rows agree, else as a per-row column of the table.
 HEADER_FIELDS = [("device", "device"), ("torch", "torch_version"), ("CUDA", "cuda_version"), ("model", "model"),
@@ -188,44 +192,6 @@ def _add_speedups(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _table(df: pd.DataFrame, varying: list, mfu_label: str, show_error: bool, show_reserved: bool,
-           evals=(False, False), show_overlap=False) -> str:
-    best_val, hellaswag = evals
-    header = (["job", "stage", "adds"] + [label for label, _ in varying] +
-              ["tokens/step", "ms/step (min-max)", "step IQR %", "tok/s", "vs baseline", "vs previous", mfu_label,
-               "peak mem GiB"] + (["peak reserved GiB"] if show_reserved else []) +
-              ["final loss", "val loss"] + EVAL_HEADER[:best_val] + EVAL_HEADER[1:1 + 2 * hellaswag] +
-              ["status"] + (["error"] if show_error else []) + (["timing not comparable: ran alongside"]
-                                                                if show_overlap else []))
-    rows, mixed_mfu = [], mfu_label == "MFU %"
-    for i, (_, r) in enumerate(df.iterrows()):
-        if i and r["stage"] not in rules.SEED_STAGES and df["stage"].iloc[i - 1] in rules.SEED_STAGES:
-            rows.append(["", rules.BEYOND_THE_SEED] + [""] * (len(header) - 2))  # a line, not a run
-        prev = cells.ratio(r["speedup_vs_prev"])
-        if prev and (i == 0 or df["stage"].iloc[i - 1] != r["prev_stage"]):
-            prev += f" (vs {r['prev_stage']})"  # the row above failed: compare with the last ok one
-        mfu = cells.fmt(r["mfu"], "{:.1%}")[:-1]
-        if mfu and isinstance(r["mfu_note"], str):  # above 100 % of a measured peak: not a figure to print
-            mfu = "n/a (above the measured peak)"
-        elif mfu and mixed_mfu and r["mfu_peak_source"] == "measured":
-            mfu += " (measured peak)"
-        fmt, mem = cells.fmt, cells.mem_cell
-        rows.append([fmt(r["job"]), r["stage"], cells.adds_cell(r)] + [fmt(r[c]) for _, c in varying] +
-                    [fmt(r["tokens_per_step"], "{:,}"), cells.ms_cell(r), cells.noise_cell(r),
-                     fmt(r["tokens_per_sec"], "{:,.0f}"), cells.ratio(r["speedup_vs_baseline"]), prev, mfu,
-                     mem(r["peak_mem_gib"])] + ([mem(r["peak_mem_reserved_gib"])] if show_reserved else [])
-                    + [fmt(r["final_loss"], "{:.3f}"), fmt(r["val_loss"], "{:.3f}")]
-                    + [fmt(r["val_loss_best"], "{:.3f}")][:best_val]
-                    + [fmt(r[c], "{:.4f}") for c in ("hellaswag_acc_norm", "hellaswag_acc_norm_best")][:2 * hellaswag]
-                    + [r["status"]]
-                    + ([cells.short_error(r["error"])] if show_error else [])
-                    + ([r["overlapped_with"]] if show_overlap else []))
-    right = {"job", "tokens/step", "step IQR %", "tok/s", "vs baseline", mfu_label, "peak mem GiB",
-             "peak reserved GiB", "final loss", "val loss", *EVAL_HEADER}
-    right |= {label for label, col in varying if col in NUMERIC}
-    return rules.md_table(header, rows, right)
-
-
 def _section(df: pd.DataFrame, title: str) -> list:
     """Header (run facts, rules, command) and the measured table(s) for the runs of one folder."""
     out, varying = [f"## {rules.md_text(title)}", ""], []
@@ -283,12 +249,15 @@ def _section(df: pd.DataFrame, title: str) -> list:
     elif commands:
         out += ["", "Commands:", ""] + [f"- {rules.md_text(r.key)}: {rules.md_code(r.command)}" for r in df.itertuples()
                                         if not cells.missing(r.command)]
-    show_error = any(cells.short_error(e) for e in df["error"])
-    # on a GPU, what the caching allocator reserved is what must fit on the card ("fits in 24 GiB")
-    show_reserved = bool(df["peak_mem_reserved_gib"].notna().any())
+    options = TableOptions(
+        [(label, col, col in NUMERIC) for label, col in varying], mfu_label,
+        show_error=any(cells.short_error(e) for e in df["error"]),
+        # on a GPU, what the caching allocator reserved is what must fit on the card ("fits in 24 GiB")
+        show_reserved=bool(df["peak_mem_reserved_gib"].notna().any()),
+        best_val=evals[0], hellaswag=evals[1], show_overlap=bool(overlapped))
     for g in groups:
         out += ([""] if len(groups) == 1 else ["", f"### {rules.md_text(g)}", ""]) + [
-            _table(df[df["group"] == g], varying, mfu_label, show_error, show_reserved, evals, bool(overlapped))]
+            markdown_table(df[df["group"] == g], options)]
     return out + [""]
 
 

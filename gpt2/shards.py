@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from gpt2.checkpoint import atomic_write_bytes
+from gpt2.files import atomic_write_bytes
 from gpt2.errors import UsageError
 from gpt2.model import GPT2_VOCAB_SIZE
 

@@ -173,7 +173,7 @@ def test_a_process_killed_mid_write_leaves_the_old_checkpoint(tmp_path):
     # a real SIGKILL half-way through writing the new checkpoint: no handler, no cleanup runs
     script = (
         "import os, signal, sys\n"
-        "from gpt2.checkpoint import atomic_write_bytes\n"
+        "from gpt2.files import atomic_write_bytes\n"
         "def write(f):\n"
         "    f.write(b'PK' + b'x' * 1_000_000)\n"
         "    f.flush()\n"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .bench_env import environment_facts
-from .errors import UsageError
+from .errors import UsageError, print_error
 from .peers import check_llmc_dir, run_peers
 from .peers_table import fastest_run, peers_table
 from .time_limit import wait_within
@@ -316,9 +316,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--budget-s {args.budget_s:g} is too short to measure anything: give 30 or more")
         llmc = check_llmc_dir(args.llmc)
         out.mkdir(parents=True, exist_ok=True)
-    except (UsageError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, OSError) as e:  # an --out that cannot be made is bad input too
+        return print_error(e)
     bench = Bench(out.resolve(), args.budget_s, str(Path(args.data).resolve()) if args.data else None, args.smoke,
                   args.sweep)
     try:

@@ -11,7 +11,7 @@ import hydra
 
 from gpt2 import distributed
 from gpt2.config import check_command_line, register_configs
-from gpt2.errors import UsageError
+from gpt2.errors import UsageError, print_error
 
 # conf/ lives at the repository's top level (DESIGN.md), beside gpt2/, and is not packaged: the editable install
 # of the README (`pip install -e .`) runs the package from the repository, so it is found from any folder. A
@@ -52,8 +52,7 @@ def train_main() -> int:
         check_conf_dir()
         check_command_line(sys.argv[1:])
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return print_error(e)
     try:
         run_training()
     except KeyboardInterrupt:  # a signal during set-up, or a second Ctrl-C; summary.json says "interrupted"

@@ -15,22 +15,33 @@ from .config import option_str as value
 from .errors import UsageError
 
 
-def resolve_device(requested: str, ranks: distributed.Ranks) -> torch.device:
+def pick_device(requested: str, option: str = "train.device") -> torch.device:
+    """The device `requested` names ("auto": cuda, else mps, else cpu), refused in one line naming `option`
+    (train.device, or a command's --device) when this machine or this torch build has none. Every command
+    chooses its device here, so they agree."""
+    def setting(name):
+        return f"{option} {name}" if option.startswith("--") else f"{option}={name}"
+
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("train.device=cuda, but torch sees no CUDA device: use train.device=cpu "
-                             "(or auto), or install a CUDA build of torch on a machine with a GPU")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{setting('cuda')}, but torch sees no CUDA device: use {setting('cpu')} (or auto), or "
+                         "install a CUDA build of torch on a machine with a GPU")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{setting('mps')}, but this torch has no MPS device: use {setting('cpu')} or auto")
+    return torch.device(requested)
+
+
+def resolve_device(requested: str, ranks: distributed.Ranks) -> torch.device:
+    """The run's device: pick_device's, and under torchrun the GPU of this rank (made the current one)."""
+    device = pick_device(requested)
+    if device.type == "cuda":
         if ranks.local_rank >= torch.cuda.device_count():
             raise UsageError(f"local rank {ranks.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
                              "lower torchrun's --nproc_per_node to the number of GPUs")
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
-        return device
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("train.device=mps, but this torch has no MPS device: use train.device=cpu or auto")
-    return torch.device(requested)
+    return device
 
 
 def configure_torch(cfg, device: torch.device) -> None:

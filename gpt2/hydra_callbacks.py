@@ -7,7 +7,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from . import distributed
-from .errors import UsageError
+from .errors import UsageError, print_error
 from . import job
 from .folders import claim_folder
 
@@ -22,8 +22,7 @@ def _claim(folder: str, key: str, config) -> None:
     try:
         claim_folder(Path(folder), key, config)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        sys.exit(print_error(e))
 
 
 def _check(config) -> None:
@@ -37,7 +36,7 @@ def _check(config) -> None:
         check_before_start(job.with_stage_overrides(config), ranks)
     except UsageError as e:
         if ranks.is_main or str(e).startswith(f"local rank {ranks.local_rank} "):
-            print(f"error: {e}", file=sys.stderr)
+            print_error(e)
         sys.exit(e.exit_code)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from gpt2 import tokenizer
 from gpt2.files import atomic_write_bytes, cache_root
-from gpt2.errors import UsageError
+from gpt2.errors import UsageError, command
 from gpt2.shards import read_shard, shard_name, write_shard
 from gpt2.sources import changes, fingerprint, local_files, local_root, open_documents
 
@@ -281,6 +281,7 @@ def prepare(dataset: str, source: Optional[str] = None, out=None, shard_tokens: 
                         sources=sources, restart=restart)
 
 
+@command(interrupted="interrupted: the finished shards are kept; run the same command again to continue")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpt2.prepare", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -300,15 +301,8 @@ def main(argv=None) -> int:
                    help="delete the shards and manifest already in --out and start over (a run resumes by default)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        manifest = prepare(args.dataset, args.source, args.out, args.shard_tokens, args.max_shards, args.workers,
-                           args.config, args.text_field, restart=args.restart)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return UsageError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: the finished shards are kept; run the same command again to continue", file=sys.stderr)
-        return 130
+    manifest = prepare(args.dataset, args.source, args.out, args.shard_tokens, args.max_shards, args.workers,
+                       args.config, args.text_field, restart=args.restart)
     n = len(manifest["shards"])
     out = Path(args.out).expanduser() if args.out else default_out(args.dataset)
     print(f"{out}: {n} shard(s), {sum(s['tokens'] for s in manifest['shards']):,} tokens"

@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 
 from gpt2 import report_cells as cells, report_input, report_rules as rules
-from gpt2.errors import UsageError
+from gpt2.errors import UsageError, command
 from gpt2.report_chart import plot
 from gpt2.report_columns import TableOptions, markdown_table
 
@@ -334,16 +334,13 @@ def build_report(folders: list, out_dir=None) -> dict:
     return paths
 
 
+@command()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2.report", description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", metavar="DIR", help="a sweep folder or a single run folder")
     parser.add_argument("--out", metavar="DIR", help="where to write the report (default: the first DIR)")
     args = parser.parse_args(argv)
-    try:
-        paths = build_report(args.folders, args.out)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    paths = build_report(args.folders, args.out)
     for p in paths.values():
         print(p)
     return 0

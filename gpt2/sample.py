@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from .errors import UsageError
+from .devices import pick_device
+from .errors import UsageError, command
 from .generation import EOT, SEED_SPACE, prompt_vocab_size, stream_text
 from .loading import describe, load_model
 from .tokenizer import encode
@@ -87,6 +88,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+@command()
 def main(argv=None) -> int:
     p = _Parser(prog="python -m gpt2.sample", description=__doc__.splitlines()[0])
     p.add_argument("--init", default="gpt2", help="hub name (gpt2 ... gpt2-xl), HF folder, checkpoint or run folder")
@@ -106,23 +108,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     args = p.parse_args(argv)
     args.prompt = args.prompt if args.prompt is not None else ["Hello, I'm a language model,"]
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        _check(args)
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda, but torch sees no CUDA device: use --device cpu")
-        model, info = load_model(args.init)
-        _check_vocabulary(args.prompt, model)
-        print(f"# {describe(info)}", file=sys.stderr)
-        for text in sample(model, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
-                           args.temperature, args.seed, torch.device(device), top_p=args.top_p, stop=args.stop,
-                           stop_at_eot=args.stop_at_eot, use_cache=args.use_cache):
-            print(">>", text)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return UsageError.exit_code
+    _check(args)
+    device = pick_device(args.device, "--device")
+    model, info = load_model(args.init)
+    _check_vocabulary(args.prompt, model)
+    print(f"# {describe(info)}", file=sys.stderr)
+    for text in sample(model, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
+                       args.temperature, args.seed, device, top_p=args.top_p, stop=args.stop,
+                       stop_at_eot=args.stop_at_eot, use_cache=args.use_cache):
+        print(">>", text)
     return 0
 
 

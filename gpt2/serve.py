@@ -28,9 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from .errors import UsageError
+from .devices import pick_device
+from .errors import UsageError, command
 from .generation import prompt_vocab_size
 from .loading import describe, load_model
 from .serve_access import KEY_ENV, AccessGuard, allowed_hosts, exposure_warning
@@ -166,6 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command()
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -175,21 +175,13 @@ def main(argv=None) -> int:
         print(f"error: python -m gpt2.serve needs the serve extra ({e.name} is missing): "
               "pip install -e \".[serve]\"", file=sys.stderr)
         return UsageError.exit_code
-    try:
-        _check(args)
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda, but torch sees no CUDA device: use --device cpu")
-        model, info = load_model(args.init)
-        app = create_app(model.to(device), info, max_tokens_cap=args.max_tokens, model_name=args.model_name,
-                         api_key=args.api_key, hosts=allowed_hosts(args.host, args.allow_host),
-                         max_concurrent=args.max_concurrent, max_batch=args.max_batch,
-                         max_body_bytes=args.max_body_bytes)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return UsageError.exit_code
+    _check(args)
+    device = pick_device(args.device, "--device")
+    model, info = load_model(args.init)
+    app = create_app(model.to(device), info, max_tokens_cap=args.max_tokens, model_name=args.model_name,
+                     api_key=args.api_key, hosts=allowed_hosts(args.host, args.allow_host),
+                     max_concurrent=args.max_concurrent, max_batch=args.max_batch,
+                     max_body_bytes=args.max_body_bytes)
     warning = exposure_warning(args.host, args.port, args.api_key)
     if warning:
         print(warning, file=sys.stderr)

@@ -260,6 +260,7 @@ def _num(v, spec):
 
 
 def bench_table(bench: Bench, facts: dict, sweep_folder: Optional[Path]) -> str:
+    """bench.md; its tables are f-strings for the reason gpt2/peers_table.py gives (a driver process with no other use for pandas)."""
     gpu = facts.get("gpu") or {}
     lines = ["# Benchmark", "",
              "- **device:** " + (f"{gpu['name']} ({gpu['memory_gib']:.0f} GiB), driver {gpu.get('driver')}"

@@ -1,7 +1,9 @@
 """Files the project writes and fetches: atomic writes, the cache folder, downloads. One owner for each.
 
 - `atomic_write_bytes`: checkpoints, summaries, token caches, shards, manifests and downloads are written to
-  a temporary file beside their name and renamed over it, so a kill mid-write never leaves half a file.
+  a temporary file beside their name and renamed over it, so a kill mid-write never leaves half a file. By
+  hand: the library for it (`atomicwrites`) is archived by its author, and the project needs two things no
+  wrapper gives (a KeyboardInterrupt or a full disk raised as itself out of torch.save's writer, see below).
 - `cache_root`: the project's cache folder (GPT2_SPEEDRUN_CACHE, else ~/.cache/gpt2-speedrun), as the config's
   `data.cache_dir` resolves it.
 - `download`: the bytes at a URL, or a one-line UsageError that says why and what to do instead. urllib, not

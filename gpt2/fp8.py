@@ -11,6 +11,10 @@ What the GPU kernels (cuBLASLt) require, and the callers arrange: the contractio
 output's columns N multiples of 16, the first operand row-major (M, K), the second column-major (K, N)
 (i.e. both K-contiguous: `b.t().contiguous().t()` of a row-major (K, N)), the scales fp32 with one
 element each, and never e5m2 times e5m2. The CPU checks none of this; tests/test_fp8_head.py does.
+
+Written here rather than taken from torchao: torchao's float8 training swaps nn.Linear modules for its own, and
+the classifier here is no nn.Linear call but three matmuls inside the chunked fused loss (gpt2/fused_loss.py);
+torchao's releases also pin narrow torch versions, where this needs only torch._scaled_mm.
 """
 
 from typing import Optional, Tuple

@@ -22,6 +22,10 @@ the same numbers to rounding.
 Weight tying: grad_W is a fresh contiguous buffer that nobody else holds, so autograd adds the token
 embedding's gradient into it in place and hands it to the tied parameter as its .grad (no extra (V, C) sum).
 
+Plain torch rather than Liger-Kernel itself: Liger's Triton kernel needs a GPU (the CPU suite and CPU runs use
+this too), and on an H200 it measured 1.2x slower than the compiled plain head (README, "On a GPU"); this one
+traces under torch.compile with the rest of the model.
+
 One mechanism for CPU and GPU: this function replaced the CPU-only, eager-only ChunkedCrossEntropy and
 TiedWeight that gpt2/model.py carried for the plain loss. Full CPU training steps (fp32, AdamW, 2-core CPU of
 experiments/cpu_vs_transformers, medians of 8 clean alternating rounds, ratio to transformers' fastest

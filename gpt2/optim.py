@@ -41,7 +41,10 @@ def fused_adamw_supported(device: torch.device) -> bool:
 
 
 def lr_at(step: int, optim_cfg, total_steps: int) -> float:
-    """The learning rate for optimizer step `step` (0-based): constant, or linear warm-up then cosine to a floor."""
+    """The learning rate for optimizer step `step` (0-based): constant, or linear warm-up then cosine to a floor.
+
+    A pure function of the step rather than a torch.optim.lr_scheduler: a resumed run needs only the step (no
+    scheduler state in the checkpoint), and the curve is build-nanogpt's, which LambdaLR would only wrap."""
     max_lr = optim_cfg.lr
     if option_str(optim_cfg.schedule) == "constant":
         return max_lr

@@ -28,7 +28,11 @@ def _num(value, spec: str) -> str:
 
 
 def peers_markdown(result: dict) -> List[str]:
-    """The "peers, same card, same call" section of bench.md."""
+    """The "peers, same card, same call" section of bench.md.
+
+    Rows written as f-strings, where report.md goes through pandas' to_markdown (tabulate): bench.md is rewritten
+    after every phase of a GPU run by the bench's driver process, which has no other use for pandas, and the
+    rows are short, fixed columns that tests/test_peers.py and tests/test_bench.py read back unpadded."""
     sizes = result["sizes"]
     lines = ["", "## Peers, same card, same call", "",
              f"GPT-2 124M from random init on Tiny Shakespeare, B={sizes['batch_size']}, T={sizes['seq_len']}, "

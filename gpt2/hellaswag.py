@@ -228,10 +228,6 @@ def evaluate_in_run(run, step: int) -> dict:
                       world_size=run.ranks.world_size)
     record = {"step": step, "hellaswag_acc_norm": result["acc_norm"], "hellaswag_acc": result["acc"],
               "hellaswag_n": result["n"]}
-    if run.step_log:
-        log.info(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
-                 f"({result['correct_norm']}/{result['n']}) | acc {result['acc']:.4f}")
-        run.step_log.append(record)
-    if run.tracker:
-        run.tracker.log(record)
+    run.record(record, f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
+                       f"({result['correct_norm']}/{result['n']}) | acc {result['acc']:.4f}")
     return {k: v for k, v in record.items() if k != "step"}

@@ -5,7 +5,6 @@ a job raises. So a job never raises: it records its failure in summary.json, the
 process exits non-zero at the end (`exit_code`).
 """
 
-import contextlib
 import datetime
 import json
 import logging
@@ -13,7 +12,6 @@ import math
 import os
 import re
 import shlex
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -29,6 +27,7 @@ from .files import atomic_write_bytes
 from .config import register_configs
 from .errors import UsageError
 from .folders import _summary_in, finished_run_note
+from .stop_signals import sigterm_stops_at_once
 
 log = logging.getLogger("gpt2.job")
 
@@ -163,32 +162,6 @@ def _log_traceback_to_file(message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
-
-
-def _stop_at_once(signum, frame):
-    raise KeyboardInterrupt
-
-
-# what stops a job besides Ctrl-C (train.StopFlag: after the step in flight; sigterm_stops_at_once: at once)
-# SIGHUP: the terminal or ssh session closed; SIGUSR1: SLURM's warning before a time limit (--signal=USR1@120);
-# SIGUSR2: the same warning as submitit asks SLURM for it (the jobs of a sweep on hydra/launcher=slurm_gpu)
-JOB_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-
-@contextlib.contextmanager
-def sigterm_stops_at_once():
-    """SIGTERM, SIGHUP, SIGUSR1 or SIGUSR2 outside the training steps (set-up, the summary) stops like a Ctrl-C
-    there: at once, but with summary.json saying "interrupted". Inside the steps and the final validation
-    train.StopFlag finishes what is in flight and saves."""
-    previous = {}
-    with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
-        for sig in JOB_STOP_SIGNALS:
-            previous[sig] = signal.signal(sig, _stop_at_once)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def run_job(cfg, train_fn) -> dict:

@@ -16,7 +16,7 @@ from .devices import enabled_sdpa_backends
 from .optim import describe_optimizer, lr_at
 
 if TYPE_CHECKING:
-    from .train import Run
+    from .training_run import Run
 
 log = logging.getLogger("gpt2.train")  # the loop's own logger: these lines belong to its run.log
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from gpt2 import distributed, train as train_module
+from gpt2 import distributed, training_run
 from gpt2.distributed import Ranks
 from gpt2.model import GPT, GPTConfig
 from test_ddp import TINY, launch
@@ -86,7 +86,7 @@ def tiny_evaluation(ranks, batches=3):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny"))
     tokens = np.random.default_rng(0).integers(0, 50257, 2000).astype(np.uint16)  # as the data split holds them
-    return train_module.evaluate(model, tokens, 2, 32, batches, lambda: torch.autocast("cpu", enabled=False), ranks,
+    return training_run.evaluate(model, tokens, 2, 32, batches, lambda: torch.autocast("cpu", enabled=False), ranks,
                                  torch.device("cpu"))
 
 
@@ -97,7 +97,7 @@ def tiny_evaluation(ranks, batches=3):
     (Terminal, Ranks(rank=1, local_rank=1, world_size=2), 0.0, False),  # only rank 0 draws
 ])
 def test_validation_shows_progress_only_where_it_helps(monkeypatch, stderr, ranks, delay, bar):
-    monkeypatch.setattr(train_module, "PROGRESS_DELAY_S", delay)
+    monkeypatch.setattr(training_run, "PROGRESS_DELAY_S", delay)
     monkeypatch.setattr(sys, "stderr", stderr())
     assert tiny_evaluation(ranks, batches=6) > 0
     drawn = sys.stderr.getvalue()
@@ -105,7 +105,7 @@ def test_validation_shows_progress_only_where_it_helps(monkeypatch, stderr, rank
 
 
 def test_the_first_step_says_it_compiles_and_shows_its_micro_steps(tmp_path, shakespeare_path, monkeypatch, caplog):
-    monkeypatch.setattr(train_module, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(training_run, "PROGRESS_DELAY_S", 0.0)
     monkeypatch.setattr(sys, "stderr", Terminal())
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # the message, not a real compile
     caplog.set_level(logging.INFO, logger="gpt2")

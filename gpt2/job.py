@@ -28,6 +28,7 @@ from .config import register_configs
 from .errors import UsageError
 from .folders import _summary_in, finished_run_note
 from .stop_signals import sigterm_stops_at_once
+from .summary_schema import RunSummary
 
 log = logging.getLogger("gpt2.job")
 
@@ -127,7 +128,7 @@ def with_stage_overrides(cfg):
                          "use the keys of gpt2/config.py with values of their type") from None
 
 
-def new_summary(cfg, hydra_cfg) -> dict:
+def new_summary(cfg, hydra_cfg) -> RunSummary:
     multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
     return {
         "stage": cfg.stage.name, "adds": cfg.stage.adds, "status": "running", "error": None,

@@ -44,22 +44,18 @@ from gpt2 import report_cells as cells, report_input, report_rules as rules
 from gpt2.errors import UsageError, command
 from gpt2.report_chart import plot
 from gpt2.report_columns import TableOptions, markdown_table
+from gpt2.summary_schema import number_type
 
-# read from summary.json, in report.csv order, each with the type it is read as: int (exact, Int64), float, or
-# str (anything else, kept as it is). A new column: a field here and a Column in gpt2/report_columns.py
-FIELD_TYPES = {
-    "stage": str, "adds": str, "status": str, "error": str, "device": str, "device_type": str, "torch_version": str,
-    "cuda_version": str, "model": str, "batch_size": int, "seq_len": int, "world_size": int,
-    "grad_accum_steps": int, "tokens_per_step": int, "steps": int, "steps_measured": int, "ms_per_step": float,
-    "ms_per_step_min": float, "ms_per_step_max": float, "tokens_per_sec": float, "mfu": float,
-    "mfu_peak_tflops": float, "mfu_peak_source": str, "mfu_note": str, "compute_dtype": str,
-    "peak_mem_gib": float, "peak_mem_reserved_gib": float, "device_mem_gib": float, "peak_mem_kind": str,
-    "final_loss": float, "val_loss": float, "started_at": str, "finished_at": str, "command": str, "host": str,
-    "gpus": str,
-}
-FIELDS = list(FIELD_TYPES)
-INTEGER = ["job"] + [f for f, kind in FIELD_TYPES.items() if kind is int]
-NUMERIC = INTEGER + [f for f, kind in FIELD_TYPES.items() if kind is float]
+# read from summary.json, in report.csv order; each is read as the type gpt2/summary_schema.py declares for it
+# (int: exact, Int64; float; anything else kept as it is). A new column: a field here and a Column in
+# gpt2/report_columns.py
+FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
+          "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps", "steps_measured",
+          "ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",
+          "mfu_peak_source", "mfu_note", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib",
+          "peak_mem_kind", "final_loss", "val_loss", "started_at", "finished_at", "command", "host", "gpus"]
+INTEGER = ["job"] + [f for f in FIELDS if number_type(f) is int]
+NUMERIC = INTEGER + [f for f in FIELDS if number_type(f) is float]
 SPEEDUPS = ["speedup_vs_baseline", "speedup_vs_prev", "baseline_stage", "prev_stage"]
 CSV_COLUMNS = ["folder", "device_label", "run_dir", "job"] + FIELDS + SPEEDUPS + ["group", "ms_iqr_rel", "noisy",
                                                                      "overlapped_with"]

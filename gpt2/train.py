@@ -28,6 +28,7 @@ from .model import GPT
 from .optim import build_optimizer, grad_norm_and_clip, lr_at, set_lr
 from .run_summary import effective_settings, say_how_long, summarise
 from .stop_signals import StopFlag
+from .summary_schema import RunSummary
 from .tracking import WandbRun
 from .training_run import Run, due
 
@@ -222,7 +223,7 @@ def save_on_stop(run: Run, summary: dict) -> None:
     log.warning(summary["error"])
 
 
-def train(cfg, run_dir: Path, summary: dict) -> dict:
+def train(cfg, run_dir: Path, summary: RunSummary) -> RunSummary:
     run = set_up(cfg, run_dir, summary)
     status = "ok"
     with StopFlag() as stop:

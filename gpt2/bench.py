@@ -260,19 +260,21 @@ def _num(v, spec):
 
 
 def bench_table(bench: Bench, facts: dict, sweep_folder: Optional[Path]) -> str:
-    """bench.md; its tables are f-strings for the reason gpt2/peers_table.py gives (a driver process with no other use for pandas)."""
+    """bench.md; its tables are f-strings for the reason gpt2/peers_table.py gives (a driver process with no
+    other use for pandas)."""
     gpu = facts.get("gpu") or {}
     lines = ["# Benchmark", "",
              "- **device:** " + (f"{gpu['name']} ({gpu['memory_gib']:.0f} GiB), driver {gpu.get('driver')}"
-                                  if gpu else "no GPU") + f"; torch {facts['torch']}, CUDA {facts['cuda']}, cuDNN {facts['cudnn']}, "
+                                  if gpu else "no GPU")
+             + f"; torch {facts['torch']}, CUDA {facts['cuda']}, cuDNN {facts['cudnn']}, "
              f"Triton {facts['triton']}; Python {facts['python']}, {facts['cpu_count']} CPUs",
              f"- **date:** {facts['date']}; commit {facts['git_commit'] or 'n/a'}"]
     if gpu.get("bf16_matmul_tflops_8192"):
         lines.append(f"- **measured ceilings:** bf16 matmul 8192^3 {gpu['bf16_matmul_tflops_8192']:.0f} TFLOP/s; "
                      f"device copy {gpu['copy_gb_per_s_read_plus_write']:.0f} GB/s (read + write)")
     if bench.smoke:
-        lines.append(f"- **smoke run:** tiny model on the CPU, T={SMOKE_T}, 2 steps (1 in the scan), torch.compile off: "
-                     "checks the command, measures nothing")
+        lines.append(f"- **smoke run:** tiny model on the CPU, T={SMOKE_T}, 2 steps (1 in the scan), "
+                     "torch.compile off: checks the command, measures nothing")
     lines += ["", "## Phases", "", "| phase | status | seconds | detail |", "| --- | --- | ---: | --- |"]
     lines += [f"| {p['phase']} | {p['status']} | {p['seconds']:.0f} | {p['detail']} |" for p in bench.phases]
     header = ["| run | stage | B | steps | status | ms/step | tok/s | MFU % | peak alloc GiB | peak reserved GiB |",
@@ -286,7 +288,8 @@ def bench_table(bench: Bench, facts: dict, sweep_folder: Optional[Path]) -> str:
         for r in runs:
             lines.append(
                 f"| {folder.name} | {r.get('stage')} | {r.get('batch_size') or ''} | {r.get('steps', '')} | "
-                f"{r.get('status')} | {_num(r.get('ms_per_step'), '{:.1f}')} | {_num(r.get('tokens_per_sec'), '{:,.0f}')} "
+                f"{r.get('status')} | {_num(r.get('ms_per_step'), '{:.1f}')} | "
+                f"{_num(r.get('tokens_per_sec'), '{:,.0f}')} "
                 f"| {_num(r.get('mfu') and 100 * r['mfu'], '{:.1f}')} | {_num(r.get('peak_mem_gib'), '{:.1f}')} | "
                 f"{_num(r.get('peak_mem_reserved_gib'), '{:.1f}')} |")
         errors = [f"- {r.get('stage')}: {r['error']}" for r in runs if r.get("status") != "ok" and r.get("error")]

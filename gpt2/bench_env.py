@@ -54,7 +54,8 @@ def environment_facts(measure: bool = True) -> dict:
         smi = _command(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,pstate,clocks.max.sm,"
                         "power.limit,temperature.gpu,utilization.gpu", "--format=csv,noheader"])
         facts["gpu"] = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-                        "memory_gib": props.total_memory / 2**30, "capability": list(torch.cuda.get_device_capability(0)),
+                        "memory_gib": props.total_memory / 2**30,
+                        "capability": list(torch.cuda.get_device_capability(0)),
                         "multiprocessors": props.multi_processor_count, "nvidia_smi": smi,
                         "driver": smi.split(", ")[2] if smi and smi.count(", ") >= 2 else None}
         if measure:

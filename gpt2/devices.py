@@ -101,7 +101,8 @@ def check_compiler(device: torch.device) -> None:
     env_var = "CC" if device.type == "cuda" else "CXX"
     if not (os.environ.get(env_var) or any(shutil.which(n) for n in names)):
         raise UsageError(f"train.compile=true needs a {needed} on this machine, and none was found: install one "
-                         f"(e.g. apt install build-essential) or run a stage without torch.compile (train.compile=false)")
+                         "(e.g. apt install build-essential) or run a stage without torch.compile "
+                         "(train.compile=false)")
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not headers.is_file():
         raise UsageError(f"train.compile=true needs Python's C headers ({headers} is missing): install them (e.g. "

@@ -44,16 +44,10 @@ from gpt2 import report_cells as cells, report_input, report_rules as rules
 from gpt2.errors import UsageError, command
 from gpt2.report_chart import plot
 from gpt2.report_columns import TableOptions, markdown_table
+from gpt2.report_input import FIELDS
 from gpt2.summary_schema import number_type
 
-# read from summary.json, in report.csv order; each is read as the type gpt2/summary_schema.py declares for it
-# (int: exact, Int64; float; anything else kept as it is). A new column: a field here and a Column in
-# gpt2/report_columns.py
-FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
-          "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps", "steps_measured",
-          "ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",
-          "mfu_peak_source", "mfu_note", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib",
-          "peak_mem_kind", "final_loss", "val_loss", "started_at", "finished_at", "command", "host", "gpus"]
+# report_input.FIELDS: read from summary.json, in report.csv order, each as its declared type
 INTEGER = ["job"] + [f for f in FIELDS if number_type(f) is int]
 NUMERIC = INTEGER + [f for f in FIELDS if number_type(f) is float]
 SPEEDUPS = ["speedup_vs_baseline", "speedup_vs_prev", "baseline_stage", "prev_stage"]

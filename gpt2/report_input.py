@@ -12,14 +12,22 @@ import math
 import re
 from pathlib import Path
 
+from gpt2.summary_schema import number_type
+
 log = logging.getLogger(__name__)
 
-TEXT = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
-        "mfu_peak_source", "mfu_note", "compute_dtype", "peak_mem_kind", "started_at", "finished_at", "command", "host", "gpus"]
-INTEGER = ["job_num", "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps",
-           "steps_measured"]
-FLOAT = ["ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",
-         "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib", "final_loss", "val_loss", "hellaswag_acc_norm"]
+# the summary.json fields in report.csv, in its order; the report reads two more (the job's number, HellaSwag).
+# Each is checked as the type gpt2/summary_schema.py declares for it. A new column: a field here and a Column
+# in gpt2/report_columns.py
+FIELDS = ["stage", "adds", "status", "error", "device", "device_type", "torch_version", "cuda_version", "model",
+          "batch_size", "seq_len", "world_size", "grad_accum_steps", "tokens_per_step", "steps", "steps_measured",
+          "ms_per_step", "ms_per_step_min", "ms_per_step_max", "tokens_per_sec", "mfu", "mfu_peak_tflops",
+          "mfu_peak_source", "mfu_note", "compute_dtype", "peak_mem_gib", "peak_mem_reserved_gib", "device_mem_gib",
+          "peak_mem_kind", "final_loss", "val_loss", "started_at", "finished_at", "command", "host", "gpus"]
+READ = FIELDS + ["job_num", "hellaswag_acc_norm"]
+TEXT = [f for f in READ if number_type(f) is None]
+INTEGER = [f for f in READ if number_type(f) is int]
+FLOAT = [f for f in READ if number_type(f) is float]
 # a diverged run's losses are NaN or infinite; gpt2/job.py writes them as the strings "nan" / "inf" (JSON has
 # no NaN). Anywhere else a non-finite number is a broken file.
 MAY_BE_NON_FINITE = {"final_loss", "val_loss"}

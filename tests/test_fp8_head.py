@@ -67,7 +67,7 @@ def test_fp8_matmuls_meet_the_gpu_kernels_rules(monkeypatch):
     calls = []
 
     def checked_mm(a8, a_inv, b8, b_inv, out_dtype, fast_accum=False):
-        (m, k), (k2, n) = a8.shape, b8.shape
+        (_, k), (k2, n) = a8.shape, b8.shape
         assert k == k2 and k % 16 == 0 and n % 16 == 0, (a8.shape, b8.shape)
         assert a8.stride(1) == 1 and b8.stride(0) == 1, "a row-major, b column-major"
         assert {a8.dtype, b8.dtype} <= {fp8.E4M3, fp8.E5M2} and (a8.dtype, b8.dtype) != (fp8.E5M2, fp8.E5M2)

@@ -241,7 +241,7 @@ def main():
     before = load_model_file(args.before) if args.before else None
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
     print(f"cpu: {bench_record.cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
-    print(f"ours: gpt2/model.py" + (f"; before: {args.before}" if args.before else ""))
+    print("ours: gpt2/model.py" + (f"; before: {args.before}" if args.before else ""))
     print(f"{args.steps} timed rounds (+{args.warmup} warm-up) per size, rotating order; fp32; vocab {VOCAB}; "
           f"rounds with other load > {args.max_other:.0%} rejected")
     print("ms: median (min-max) over clean rounds; ratios: of medians (median of per-round ratios)")

@@ -38,7 +38,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--no-cache-tokens", type=int, default=256, help="new tokens for the (slow) no-cache run; 0 skips it")
+    p.add_argument("--no-cache-tokens", type=int, default=256,
+                   help="new tokens for the (slow) no-cache run; 0 skips it")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"), help="results.json path")
@@ -87,7 +88,8 @@ def main() -> None:
         if mode == "greedy":
             same = same_tokens["ours vs transformers"] = torch.equal(outs["ours, KV cache"], outs["transformers"])
             print(f"greedy: ours and transformers produce the same {n} tokens: {same}", flush=True)
-        if mode == "greedy" and args.no_cache_tokens:  # once: at 256 tokens it takes minutes, and sampling costs next to nothing
+        # once: at 256 tokens it takes minutes, and sampling costs next to nothing
+        if mode == "greedy" and args.no_cache_tokens:
             dt, out = timed(lambda: run("ours, no cache", mode))
             times["ours, no cache"] = [dt * n / args.no_cache_tokens]
             if args.no_cache_tokens == n:

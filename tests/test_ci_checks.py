@@ -141,3 +141,19 @@ def test_project_warnings_are_errors_and_a_hang_times_out(tmp_path):
     failed = {line.split("::")[1].split(" ")[0] for line in out.splitlines() if line.startswith("FAILED")}
     assert failed == {"test_a_warning_of_gpt2s_own_code", "test_an_exception_nobody_saw", "test_hangs"}, out[-3000:]
     assert "Timeout (>3.0s)" in out
+
+
+def test_the_linter_ci_runs_flags_what_it_should_and_passes_the_project(tmp_path):
+    """.ci/run's `ruff check .` with pyproject.toml's [tool.ruff]: the project itself is clean, and a file with a
+    line over 120 characters and an unused import fails it, each named."""
+    import subprocess
+
+    ruff = [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise"]
+    clean = subprocess.run([*ruff, "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    (tmp_path / "bad.py").write_text("import os\n\nx = '" + "a" * 120 + "'\n")
+    dirty = subprocess.run([*ruff, "--config", str(REPO / "pyproject.toml"), str(tmp_path / "bad.py")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert dirty.returncode == 1
+    assert "F401" in dirty.stdout and "E501" in dirty.stdout, dirty.stdout
+    assert "ruff check ." in (REPO / ".ci" / "run").read_text()

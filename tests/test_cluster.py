@@ -51,7 +51,8 @@ def test_local_launcher_sweep_writes_every_job_and_one_report(tmp_path, shakespe
 def test_failed_job_under_a_launcher_plugin_fails_the_sweep(tmp_path, shakespeare_path):
     # the jobs run in other processes: the submitting one learns of the failure from tf32's summary.json
     result = run_py("-m", "+stage=baseline,tf32", "hydra/launcher=local_cpu", *TINY,
-                    *data_args(tmp_path, shakespeare_path), "+sweep.stage_overrides.tf32=['train.total_batch_size=1000']",
+                    *data_args(tmp_path, shakespeare_path),
+                    "+sweep.stage_overrides.tf32=['train.total_batch_size=1000']",
                     f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]  # bad input alone: 2
     runs = summaries(tmp_path / "sweep")
@@ -62,7 +63,8 @@ def test_failed_job_under_a_launcher_plugin_fails_the_sweep(tmp_path, shakespear
     # the job ran in submitit's process, not `python run.py`: its command is the sweep's, with its own values
     typed = ["hydra/launcher=local_cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", "+stage=tf32", *TINY]
     assert runs["1_tf32"]["command"].startswith("python run.py -m ") and "_submit" not in runs["1_tf32"]["command"]
-    assert set(typed) <= set(shlex.split(runs["1_tf32"]["command"])) and "+stage=baseline" not in runs["1_tf32"]["command"]
+    assert set(typed) <= set(shlex.split(runs["1_tf32"]["command"]))
+    assert "+stage=baseline" not in runs["1_tf32"]["command"]
     assert f"- tf32: `{runs['1_tf32']['command']}`" in (tmp_path / "sweep" / "report.md").read_text()
 
 

@@ -93,8 +93,8 @@ def test_padded_table_defaults_to_gpt2_vocabulary():
 
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    seen = lambda **kw: {sample_next(logits, generator=torch.Generator().manual_seed(s), **kw).item()
-                         for s in range(300)}
+    def seen(**kw):
+        return {sample_next(logits, generator=torch.Generator().manual_seed(s), **kw).item() for s in range(300)}
     assert seen(top_k=2) == {0, 1}
     assert seen(top_p=0.7) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
     assert seen(top_p=0.5) == {0}
@@ -107,8 +107,10 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 
 def fake_tokenizer():
     """ids -> characters: id i is chr(ord('a') + i % 26), EOT is '|'."""
-    decode = lambda ids: "".join("|" if i == EOT else chr(ord("a") + i % 26) for i in ids)
-    encode = lambda text: [ord(c) - ord("a") for c in text]
+    def decode(ids):
+        return "".join("|" if i == EOT else chr(ord("a") + i % 26) for i in ids)
+    def encode(text):
+        return [ord(c) - ord("a") for c in text]
     return encode, decode
 
 
@@ -233,7 +235,7 @@ def test_sample_new_options(hf_folder):
     r = run_sample(*base, "--prompt", "ROMEO:", "--prompt", "Once upon a time,", "--temperature", "0",
                    "--top-p", "0.9", "--top-k", "none")
     assert r.returncode == 0, r.stderr
-    lines = [l for l in r.stdout.splitlines() if l.startswith(">> ")]
+    lines = [line for line in r.stdout.splitlines() if line.startswith(">> ")]
     assert len(lines) == 4 and lines[0] == lines[1] and lines[2].startswith(">> Once upon a time,")
     cached = run_sample(*base, "--seed", "3")
     plain = run_sample(*base, "--seed", "3", "--no-cache")

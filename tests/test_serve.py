@@ -88,11 +88,12 @@ def test_plain_completion_shape_and_seed(server):
     assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
     assert all(c["finish_reason"] in ("stop", "length") and c["logprobs"] is None for c in out["choices"])
     usage = out["usage"]
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] 
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert usage["prompt_tokens"] == len(encode("Hello")) + len(encode("ROMEO: What"))
     assert post(server, body).json()["choices"] == out["choices"]  # same seed, same text
     greedy = post(server, {"prompt": "Hello", "max_tokens": 12, "temperature": 0}).json()["choices"][0]
-    assert greedy == post(server, {"prompt": "Hello", "max_tokens": 12, "temperature": 0, "seed": 9}).json()["choices"][0]
+    seeded = {"prompt": "Hello", "max_tokens": 12, "temperature": 0, "seed": 9}
+    assert greedy == post(server, seeded).json()["choices"][0]
 
 
 def test_stream_equals_plain_and_ends_with_done(server):

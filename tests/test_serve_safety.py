@@ -5,7 +5,6 @@ client goes away. Each against the real server over loopback; tiny random models
 import json
 import shutil
 import subprocess
-import threading
 import time
 
 import pytest
@@ -276,7 +275,8 @@ def test_page_asks_for_the_key_in_a_headless_browser(guarded):
         from selenium.webdriver.support.ui import WebDriverWait
 
         driver.get(guarded + "/")
-        model_line = lambda d: d.find_element(By.ID, "model").text
+        def model_line(d):
+            return d.find_element(By.ID, "model").text
         WebDriverWait(driver, 20).until(lambda d: "API key" in model_line(d))  # /info refused: the page says why
         key = driver.find_element(By.ID, "api_key")
         assert key.is_displayed()

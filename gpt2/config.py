@@ -6,14 +6,17 @@ whether it comes from the command line or from a YAML file. The defaults are the
 `conf/stage/*.yaml` hold only what each stage changes.
 """
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from .architecture import GPT2_VOCAB_SIZE, PRESETS, Attention, Loss  # noqa: F401 (Attention, Loss: the schema's)
 from .errors import UsageError
 
 
@@ -22,9 +25,20 @@ def option_str(option) -> str:
     return str(getattr(option, "value", option))
 
 
-class Attention(str, Enum):
-    manual = "manual"  # explicit causal mask + softmax, as in the GPT-2 paper
-    flash = "flash"  # F.scaled_dot_product_attention(is_causal=True): FlashAttention kernels on GPU
+def require(ok: bool, message: str) -> None:
+    """The one way a check refuses: a one-line UsageError naming the key and the fix."""
+    if not ok:
+        raise UsageError(message)
+
+
+def require_positive(section: str, values: dict) -> None:
+    for key, v in values.items():
+        require(v is None or v > 0, f"{section}.{key}={v} must be positive")
+
+
+def require_not_negative(section: str, values: dict) -> None:
+    for key, v in values.items():
+        require(v is None or v >= 0, f"{section}.{key}={v} must not be negative")
 
 
 class SdpaBackend(str, Enum):
@@ -33,14 +47,6 @@ class SdpaBackend(str, Enum):
     #                  at B=64 on an H200 (1016 vs 1015 ms/step, experiments/h200-speedup), so not a stage
     flash = "flash"  # FlashAttention-2 only
     efficient = "efficient"  # the memory-efficient kernel only
-
-
-class Loss(str, Enum):
-    plain = "plain"  # lm_head logits (B*T, V), then cross-entropy: the textbook formulation
-    fused = "fused"  # classifier + cross-entropy fused and chunked: the full logits never exist
-    # fused, and the classifier's three matmuls (logits, grad input, grad weight) in FP8 with per-tensor dynamic
-    # scales (e4m3 forward, e5m2 gradients; gpt2/fp8.py): twice the bf16 matmul rate on Ada/Hopper (sm89+)
-    fused_fp8 = "fused_fp8"
 
 
 class Device(str, Enum):
@@ -102,6 +108,28 @@ class ModelConfig:
     loss: Loss = Loss.plain
     init_from: str = "scratch"  # or a Hugging Face name (gpt2, ...) or a folder written by transformers
 
+    SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
+
+    def check(self) -> None:
+        require(self.name in PRESETS, f"model.name={self.name} is not a preset: choose one of {', '.join(PRESETS)}")
+        require_positive("model", {k: getattr(self, k) for k in (*self.SIZE_KEYS, "vocab_size")})
+        if self.init_from != "scratch":
+            explicit = [f"model.{k}={getattr(self, k)}" for k in self.SIZE_KEYS if getattr(self, k) is not None]
+            require(not explicit, f"{', '.join(explicit)} cannot be combined with model.init_from={self.init_from}: "
+                                  "the sizes come from those weights; leave them unset (model.vocab_size may pad)")
+        require(self.vocab_size is None or self.vocab_size >= GPT2_VOCAB_SIZE,
+                f"model.vocab_size={self.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids: "
+                f"use {GPT2_VOCAB_SIZE} or a padded size such as 50304")
+        preset = dict(zip(self.SIZE_KEYS, PRESETS[self.name]))
+        n_head, n_embd = self.n_head or preset["n_head"], self.n_embd or preset["n_embd"]
+        require(n_embd % n_head == 0, f"model.n_head={n_head} does not divide model.n_embd={n_embd}: choose a "
+                                      "number of heads that divides the width")
+
+    def preset_overrides(self) -> dict:
+        """What GPTConfig.from_preset(self.name, ...) takes: the sizes set explicitly, the implementations."""
+        return dict(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, block_size=self.block_size,
+                    vocab_size=self.vocab_size, attention=option_str(self.attention), loss=option_str(self.loss))
+
 
 @dataclass
 class DataConfig:
@@ -116,6 +144,18 @@ class DataConfig:
     # `python -m gpt2.prepare` and build-nanogpt's fineweb.py write them; set, it replaces the text above
     shards_dir: Optional[str] = None
     shards_prefix: str = "edufineweb"
+
+    def check(self) -> None:
+        require(self.max_chars is None or self.max_chars > 0,
+                f"data.max_chars={self.max_chars} must be positive (or null for the whole text)")
+        self.check_val_fraction(self.val_fraction)
+        cache = Path(str(self.cache_dir)).expanduser()
+        require(not cache.exists() or cache.is_dir(), f"data.cache_dir={self.cache_dir} is a file, not a folder: "
+                                                       "point it at a folder (it is created if missing)")
+
+    @staticmethod
+    def check_val_fraction(val_fraction: float) -> None:
+        require(0 <= val_fraction < 1, f"data.val_fraction={val_fraction} must be in [0, 1)")
 
 
 @dataclass
@@ -133,6 +173,22 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
     grad_clip: Optional[float] = None  # clip the global grad norm to this value
 
+    def check(self) -> None:
+        require(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip={self.grad_clip} must be positive (a "
+                "clip of 0 would zero every gradient; leave it null for no clipping)")
+        require_not_negative("optim", {"warmup_steps": self.warmup_steps})
+        require(math.isfinite(self.lr) and self.lr > 0, f"optim.lr={self.lr} must be a positive number (GPT-2 124M: "
+                                                         "6e-4)")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.95]")
+        require(math.isfinite(self.eps) and self.eps > 0, f"optim.eps={self.eps} must be a small positive number, "
+                                                           "e.g. 1e-8")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                f"optim.weight_decay={self.weight_decay} must be a number >= 0 (GPT-3: 0.1)")
+        require(0 <= self.momentum < 1, f"optim.momentum={self.momentum} must be in [0, 1)")
+        require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1] (the cosine "
+                                             "floor as a fraction of optim.lr; GPT-3: 0.1)")
+
 
 @dataclass
 class TrainConfig:
@@ -145,6 +201,9 @@ class TrainConfig:
     matmul_precision: MatmulPrecision = MatmulPrecision.highest
     autocast_dtype: ComputeDtype = ComputeDtype.fp32
     compile: bool = False
+    # Inductor options for torch.compile(model, options=...), e.g. {coordinate_descent_tuning: true}; names from
+    # torch._inductor.list_options(), checked before the run; needs train.compile=true. Empty: Inductor's defaults
+    compile_options: Dict[str, Any] = field(default_factory=dict)
     # which fused kernel scaled_dot_product_attention may use on CUDA (model.attention=flash); math stays on as
     # the fallback for inputs the kernel cannot take. CPU and MPS have one kernel each: no effect there
     sdpa_backend: SdpaBackend = SdpaBackend.auto
@@ -163,6 +222,18 @@ class TrainConfig:
     hellaswag_every: int = 0  # HellaSwag acc_norm every N steps and at the end (gpt2/hellaswag.py); 0 = never
     hellaswag_limit: Optional[int] = None  # the first N validation rows; null = all 10,042
     hellaswag_data: Optional[str] = None  # a local hellaswag_val.jsonl; null = download it once into the cache
+
+    def check(self) -> None:
+        require_positive("train", {k: getattr(self, k) for k in ("batch_size", "seq_len", "val_batches",
+                                                                 "total_batch_size")})
+        require_not_negative("train", {k: getattr(self, k) for k in ("steps", "timing_skip", "val_every",
+                                                                     "checkpoint_every", "sample_every")})
+        require(self.hellaswag_every >= 0, f"train.hellaswag_every={self.hellaswag_every} must not be negative (0: "
+                                           "no HellaSwag)")
+        require(self.hellaswag_limit is None or self.hellaswag_limit > 0,
+                f"train.hellaswag_limit={self.hellaswag_limit} must be positive (or null for every row)")
+        require(self.compile or not self.compile_options, f"train.compile_options={dict(self.compile_options)} are "
+                "options of torch.compile: add train.compile=true, or leave them empty")
 
 
 @dataclass
@@ -194,6 +265,35 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def check(self) -> None:
+        """Each section's own checks, in the order a reader meets the keys; what needs a device or the model's
+        sizes is checked in gpt2/checks.py."""
+        for section in (self.train, self.model, self.data, self.optim):
+            section.check()
+
+
+def typed(schema: type, node):
+    """`node` (a composed DictConfig, a section of one, or a plain dict) as an instance of its schema dataclass,
+    interpolations resolved and enums as members; an instance already is one. The one conversion a job makes, so
+    that what runs reads attributes of checked dataclasses, not of the config tree."""
+    if isinstance(node, schema):
+        return node
+    if OmegaConf.is_config(node):
+        # the schema's keys only (a callback's config also holds `hydra`), each resolved where it sits: a section
+        # may interpolate another (${data.cache_dir})
+        node = {f.name: OmegaConf.to_container(node[f.name], resolve=True) if OmegaConf.is_config(node[f.name])
+                else node[f.name] for f in fields(schema) if f.name in node}
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+
+
+def as_config(cfg) -> Config:
+    return typed(Config, cfg)
+
+
+def plain(config: Config) -> dict:
+    """The config as plain values (enums as their strings), as summary.json and wandb record it."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True)
 
 
 def plain_name(name: str) -> str:

@@ -2,7 +2,7 @@
 
 load_tokens(cfg.data) -> uint16 ids of the whole text; train_val_split() cuts them; TokenLoader serves
 consecutive chunks of B*T tokens, shared out between data-parallel ranks, and can resume exactly.
-build_data(cfg, ...) is what a run calls: the text, or with data.shards_dir a folder of token shards
+build_data(cfg.data, ...) is what a run calls: the text, or with data.shards_dir a folder of token shards
 (FineWeb-Edu, gpt2/shards.py), as a train loader and the validation tokens.
 
 The downloaded text and its tokens are cached in data.cache_dir. Every file there is written atomically
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from gpt2 import tokenizer
-from gpt2.files import atomic_write_bytes, download
-from gpt2.config import DataConfig
+from gpt2.architecture import GPT2_VOCAB_SIZE
+from gpt2.config import DataConfig, typed
 from gpt2.errors import UsageError
-from gpt2.model import GPT2_VOCAB_SIZE
+from gpt2.files import atomic_write_bytes, download
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +155,16 @@ def _tokenize(text: str) -> np.ndarray:
 
 
 def load_tokens(data_cfg) -> np.ndarray:
-    """uint16 GPT-2 token ids of the whole data set (after data.max_chars), tokenized once and cached."""
+    """uint16 GPT-2 token ids of the whole data set (after data.max_chars), tokenized once and cached.
+    `data_cfg`: the run's `data` section (a DataConfig, or the composed node of one), checked here too."""
+    data_cfg = typed(DataConfig, data_cfg)
+    data_cfg.check()
     cache_dir = Path(os.path.expanduser(str(data_cfg.cache_dir)))
     if data_cfg.path:
         text = _read_local(str(data_cfg.path))
     else:
         text = _read_downloaded(data_cfg, cache_dir)
     if data_cfg.max_chars is not None:
-        if data_cfg.max_chars < 1:
-            raise UsageError(f"data.max_chars={data_cfg.max_chars} must be positive (or null for the whole text)")
         text = text[:data_cfg.max_chars]
 
     # keyed by the exact text tokenized, so a new file, a new max_chars or an edited text all re-tokenize
@@ -181,8 +182,7 @@ def load_tokens(data_cfg) -> np.ndarray:
 
 def train_val_split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """The first (1 - val_fraction) of the tokens for training, the rest for validation (views, no copy)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise UsageError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+    DataConfig.check_val_fraction(val_fraction)
     n_train = int(len(tokens) * (1.0 - val_fraction))
     return tokens[:n_train], tokens[n_train:]
 
@@ -225,23 +225,15 @@ class TokenLoader:
         self.next_chunk = int(state["next_chunk"]) % self.n_chunks
 
 
-def build_data(cfg, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+def build_data(data_cfg, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
                vocab_size: int = GPT2_VOCAB_SIZE):
-    """(train loader, validation tokens) for a run: token shards when data.shards_dir is set (gpt2/shards.py),
-    else the text split by data.val_fraction. Data that in-loop evaluations need (HellaSwag) is checked here
-    too, so that a missing file fails before the first step rather than at the first evaluation.
+    """(train loader, validation tokens) for a run's `data` section: token shards when data.shards_dir is set
+    (gpt2/shards.py), else the text split by data.val_fraction.
     `vocab_size`: the ids the model embeds (its tokenizer_vocab_size); a shard holding another is refused."""
-    hellaswag_every = cfg.train.get("hellaswag_every") or 0
-    if hellaswag_every < 0:
-        raise UsageError(f"train.hellaswag_every={hellaswag_every} must not be negative (0: no HellaSwag)")
-    if hellaswag_every:
-        from gpt2 import hellaswag
-
-        hellaswag.examples_for_training(cfg.train)
-    if cfg.data.get("shards_dir"):
+    if data_cfg.shards_dir:
         from gpt2.shards import open_shards
 
-        return open_shards(str(cfg.data.shards_dir), cfg.data.shards_prefix, batch_size, seq_len, rank, world_size,
+        return open_shards(str(data_cfg.shards_dir), data_cfg.shards_prefix, batch_size, seq_len, rank, world_size,
                            vocab_size)
-    train_tokens, val_tokens = train_val_split(load_tokens(cfg.data), cfg.data.val_fraction)
+    train_tokens, val_tokens = train_val_split(load_tokens(data_cfg), data_cfg.val_fraction)
     return TokenLoader(train_tokens, batch_size, seq_len, rank, world_size), val_tokens

@@ -44,10 +44,11 @@ def resolve_device(requested: str, ranks: distributed.Ranks) -> torch.device:
     return device
 
 
-def configure_torch(cfg, device: torch.device) -> None:
-    """Set every global flag this run depends on: a multirun's earlier job must leave nothing behind."""
+def configure_torch(train_cfg, device: torch.device) -> None:
+    """Set every global flag this run depends on (the run's `train` section): a multirun's earlier job must leave
+    nothing behind."""
     # native bf16 needs compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also counts emulation
-    if value(cfg.train.autocast_dtype) == "bf16" and device.type == "cuda" \
+    if value(train_cfg.autocast_dtype) == "bf16" and device.type == "cuda" \
             and torch.cuda.get_device_capability(device)[0] < 8:
         raise UsageError(f"train.autocast_dtype=bf16, but {torch.cuda.get_device_name(device)} has no bf16 "
                          "support: use train.autocast_dtype=fp32 (stages before bf16), or a newer GPU")
@@ -61,11 +62,11 @@ def configure_torch(cfg, device: torch.device) -> None:
     gc.freeze()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    precision = value(cfg.train.matmul_precision)
+    precision = value(train_cfg.matmul_precision)
     torch.set_float32_matmul_precision(precision)
     torch.backends.cudnn.allow_tf32 = precision != "highest"
-    set_sdpa_backends(value(cfg.train.sdpa_backend) if device.type == "cuda" else "auto")
-    torch.manual_seed(cfg.train.seed)  # also seeds every CUDA device
+    set_sdpa_backends(value(train_cfg.sdpa_backend) if device.type == "cuda" else "auto")
+    torch.manual_seed(train_cfg.seed)  # also seeds every CUDA device
     metrics.reset_peak_memory(device)
 
 

@@ -3,8 +3,10 @@
     python -m gpt2.evaluate hellaswag --init gpt2                                  # GPT-2 124M: acc_norm 0.2955
     python -m gpt2.evaluate hellaswag --init outputs/2026-11-25/10-00-00_gpt2_124m_fineweb --out hs.json
     python -m gpt2.evaluate hellaswag --init RUN --data hellaswag_val.jsonl --limit 500   # offline, 500 rows
+    python -m gpt2.evaluate harness --init RUN --tasks hellaswag,arc_easy     # lm-evaluation-harness: RUN/harness.json
 
-Prints acc and acc_norm and writes them, with n and the settings, to --out as JSON.
+hellaswag prints acc and acc_norm and writes them, with n and the settings, to --out as JSON. harness runs
+EleutherAI's lm-evaluation-harness (the `eval` extra) on the run's model (gpt2/harness.py).
 """
 
 import argparse
@@ -16,24 +18,15 @@ from pathlib import Path
 
 import torch
 
-from gpt2 import hellaswag
-from gpt2.errors import UsageError
+from gpt2 import harness, hellaswag
+from gpt2.devices import pick_device
+from gpt2.errors import UsageError, command
 from gpt2.loading import describe, load_model
-
-TASKS = ("hellaswag",)
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA device: use --device cpu (or auto)")
-    return torch.device(requested)
 
 
 def run_hellaswag(init: str, data=None, limit=None, device="auto", dtype="fp32", batch_examples: int = 4,
                   progress: bool = False) -> dict:
-    device = pick_device(device)
+    device = pick_device(device, "--device")
     data_path = hellaswag.data_file(data)
     examples = hellaswag.load_examples(data_path, limit)
     model, info = load_model(init, "--init")  # a run folder / checkpoint of ours, or Hugging Face GPT-2
@@ -50,31 +43,43 @@ def run_hellaswag(init: str, data=None, limit=None, device="auto", dtype="fp32",
             "published": hellaswag.PUBLISHED}
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gpt2.evaluate", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:5]))
-    p.add_argument("task", choices=TASKS)
-    p.add_argument("--init", required=True, help="a run folder, a checkpoint file, or a Hugging Face name / folder")
-    p.add_argument("--data", help=f"a local {hellaswag.FILE_NAME} (default: downloaded once into the cache)")
-    p.add_argument("--limit", type=int, help="only the first N rows")
-    p.add_argument("--out", help="write the result here as JSON")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 (TF32 on GPU) or bf16 autocast")
-    p.add_argument("--batch", type=int, default=4, help="rows per forward pass (4 endings each)")
-    args = p.parse_args(argv)
-    try:
-        if args.batch < 1:
-            raise UsageError(f"--batch={args.batch} must be positive")
-        result = run_hellaswag(args.init, args.data, args.limit, args.device, args.dtype, args.batch,
-                               progress=sys.stderr.isatty())
-        if args.out:
-            out = Path(args.out).expanduser()
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return UsageError.exit_code
+                                epilog="\n".join(__doc__.splitlines()[2:6]))
+    common = argparse.ArgumentParser(add_help=False)  # the options both evaluations take
+    common.add_argument("--init", required=True,
+                        help="a run folder, a checkpoint file, or a Hugging Face name / folder")
+    common.add_argument("--limit", type=int, help="only the first N rows (of each task)")
+    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    tasks = p.add_subparsers(dest="task", required=True, metavar="{hellaswag,harness}")
+    hs = tasks.add_parser("hellaswag", parents=[common], help="HellaSwag, scored as build-nanogpt scores it")
+    hs.add_argument("--data", help=f"a local {hellaswag.FILE_NAME} (default: downloaded once into the cache)")
+    hs.add_argument("--out", help="write the result here as JSON")
+    hs.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 (TF32 on GPU) or bf16 autocast")
+    hs.add_argument("--batch", type=int, default=4, help="rows per forward pass (4 endings each)")
+    lm = tasks.add_parser("harness", parents=[common], help="EleutherAI's lm-evaluation-harness (the eval extra)")
+    lm.add_argument("--tasks", required=True, help="lm-eval task names, separated by commas (hellaswag,arc_easy)")
+    lm.add_argument("--include-path", help="a folder of your own lm-eval task YAML files")
+    lm.add_argument("--out", help="write the result here as JSON (default: RUN/harness.json for a run of ours)")
+    lm.add_argument("--batch", type=int, default=8, help="lm-eval's batch size (requests per forward pass)")
+    return p
+
+
+@command()
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    if args.task == "harness":
+        return harness.main(args, argv)
+    if args.batch < 1:
+        raise UsageError(f"--batch={args.batch} must be positive")
+    result = run_hellaswag(args.init, args.data, args.limit, args.device, args.dtype, args.batch,
+                           progress=sys.stderr.isatty())
+    if args.out:
+        out = Path(args.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"hellaswag: {result['n']} rows | acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} "
           f"(GPT-2 124M, same scoring: acc 0.2859, acc_norm 0.2955)")
     return 0

@@ -210,9 +210,7 @@ def _cached_examples(path: Path, limit: Optional[int], sha256: str) -> tuple:
 def examples_for_training(train_cfg) -> List[dict]:
     """The rows train.hellaswag_every evaluates (train.hellaswag_data / hellaswag_limit), read once per process
     for as long as the file is unchanged (a sweep runs its jobs in one process: an edited file is read again)."""
-    path, limit = train_cfg.get("hellaswag_data"), train_cfg.get("hellaswag_limit")
-    if limit is not None and limit < 1:
-        raise UsageError(f"train.hellaswag_limit={limit} must be positive (or null for all {VAL_ROWS:,} rows)")
+    path, limit = train_cfg.hellaswag_data, train_cfg.hellaswag_limit  # limit: checked by TrainConfig.check
     found = data_file(str(path) if path else None, "train.hellaswag_data=FILE")
     with open(found, "rb") as f:  # keyed by content: ~20 ms for the 11 MB validation file
         digest = hashlib.file_digest(f, "sha256").hexdigest()

@@ -15,18 +15,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpt2.architecture import GPT2_VOCAB_SIZE, PRESETS, Attention, Loss, choice  # noqa: F401 (re-exported)
 from gpt2.fused_loss import fused_linear_cross_entropy
-
-GPT2_VOCAB_SIZE = 50257  # ids the GPT-2 tokenizer produces (50256 is <|endoftext|>)
-
-# name -> (n_layer, n_head, n_embd, block_size); the four GPT-2 sizes, and one for CPU tests
-PRESETS = {
-    "gpt2": (12, 12, 768, 1024),  # 124M
-    "gpt2-medium": (24, 16, 1024, 1024),  # 350M
-    "gpt2-large": (36, 20, 1280, 1024),  # 774M
-    "gpt2-xl": (48, 25, 1600, 1024),  # 1558M
-    "tiny": (2, 2, 64, 64),  # ~3.3M, nearly all of it the token table: seconds per step on a CPU
-}
 
 
 @dataclass
@@ -36,16 +26,12 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    attention: str = "manual"  # "manual" (explicit causal mask) or "flash" (scaled_dot_product_attention)
-    loss: str = "plain"  # "plain" (logits, then cross-entropy) or "fused" (chunked; no full logits)
-    #                      or "fused_fp8" (fused, the classifier's matmuls in FP8: gpt2/fp8.py)
+    attention: str = "manual"  # one of gpt2/architecture.py's Attention: manual (explicit causal mask), flash
+    loss: str = "plain"  # one of its Loss: plain (logits, then cross-entropy), fused (chunked), fused_fp8
     tokenizer_vocab_size: Optional[int] = None  # ids the tokenizer can emit; the rest is padding (None: all)
 
     def __post_init__(self):
-        if self.attention not in ("manual", "flash"):
-            raise ValueError(f"attention must be 'manual' or 'flash', not {self.attention!r}")
-        if self.loss not in ("plain", "fused", "fused_fp8"):
-            raise ValueError(f"loss must be 'plain', 'fused' or 'fused_fp8', not {self.loss!r}")
+        self.attention, self.loss = choice(Attention, self.attention), choice(Loss, self.loss)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.tokenizer_vocab_size is None:  # a table padded beyond GPT-2's 50257 ids (50304) is padding
@@ -148,6 +134,11 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def attention(self) -> str:
+        """The attention the blocks run (one of Attention), as built rather than as configured."""
+        return self.transformer.h[0].attn.attention
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters, counted once even though tied; non_embedding leaves out the position table."""

@@ -41,11 +41,13 @@ def say_how_long(run: Run, step_ms: float, steps_left: int) -> None:
 def effective_settings(run: Run) -> dict:
     """The settings read back from torch and the built objects, not copied from the config."""
     cfg, device = run.cfg, run.device
+    compiled = ("torch._dynamo" in sys.modules
+                and isinstance(run.model, sys.modules["torch._dynamo"].eval_frame.OptimizedModule))
     effective = {
         "matmul_precision": torch.get_float32_matmul_precision(),
         "tf32": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
         "autocast_dtype": None if run.effective_autocast in (None, "none") else run.effective_autocast,
-        "attention": run.raw_model.transformer.h[0].attn.attention,
+        "attention": run.raw_model.attention,
         "sdpa_backends": enabled_sdpa_backends() if device.type == "cuda" else None,
         "loss": run.raw_model.config.loss,
         "vocab_size": run.raw_model.lm_head.weight.shape[0],
@@ -60,8 +62,10 @@ def effective_settings(run: Run) -> dict:
             "gradient_as_bucket_view": run.ddp_model.gradient_as_bucket_view,
             "broadcast_buffers": getattr(run.ddp_model, "forward_sync_buffers",
                                          getattr(run.ddp_model, "broadcast_buffers", None))},
-        "compiled": "torch._dynamo" in sys.modules
-                    and isinstance(run.model, sys.modules["torch._dynamo"].eval_frame.OptimizedModule),
+        "compiled": compiled,
+        # train.compile_options as the compiled module's Inductor config holds them, not as asked
+        "compile_options": ({k: run.model.get_compiler_config()[k.replace("-", "_")] for k in cfg.train.compile_options}
+                            if compiled and cfg.train.compile_options else None),
         "notes": [],
     }
     if device.type != "cuda" and effective["matmul_precision"] == "high":

@@ -3,9 +3,7 @@
 import logging
 from typing import Optional
 
-from omegaconf import OmegaConf
-
-from .config import option_str
+from .config import WandbConfig, option_str
 
 log = logging.getLogger("gpt2.tracking")
 
@@ -13,18 +11,19 @@ log = logging.getLogger("gpt2.tracking")
 class WandbRun:
     """One wandb run per training run; a resumed run continues the wandb run it resumes (`resume_id`)."""
 
-    def __init__(self, cfg, run_dir, resume_id: Optional[str] = None):
+    def __init__(self, w: WandbConfig, stage: str, config: dict, run_dir, resume_id: Optional[str] = None):
+        """`w`: the run's logger.wandb section; `stage`: the run's name unless logger.wandb.name gives one;
+        `config`: the run's whole config as plain values, recorded with the wandb run."""
         self.run = None
-        mode = option_str(cfg.logger.wandb.mode)
+        mode = option_str(w.mode)
         if mode == "disabled":
             return
         try:
             import wandb
 
-            w = cfg.logger.wandb
             resume = {"id": resume_id, "resume": "allow"} if resume_id else {}
-            self.run = wandb.init(mode=mode, project=w.project, entity=w.entity, name=w.name or cfg.stage.name,
-                                  dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), **resume)
+            self.run = wandb.init(mode=mode, project=w.project, entity=w.entity, name=w.name or stage,
+                                  dir=str(run_dir), config=config, **resume)
         except Exception as e:  # no network, no login, a broken install: the run matters more
             self._disable("start", e)
 

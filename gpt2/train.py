@@ -1,7 +1,8 @@
 """The training loop, top to bottom: set-up (torch flags, data, model, optimizer), one step, what is due after
 it, and the end of the run.
 
-`train(cfg, run_dir, summary)` runs one job of a config composed by Hydra. It fills `summary` as it
+`train(cfg, run_dir, summary)` runs one job of a config composed by Hydra (converted once to its typed,
+checked form: gpt2.config.as_config). It fills `summary` as it
 learns things, so whatever stops it (bad input, out of memory, Ctrl-C, a NaN) leaves a summary that says
 how far it got; the entrypoint (gpt2/job.py) writes it. The run's state and its events live in
 gpt2/training_run.py, the stop signals in gpt2/stop_signals.py, the closing figures in gpt2/run_summary.py.
@@ -19,10 +20,11 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, distributed, metrics
-from .checks import check_config, check_sizes
+from .checks import check_compile, check_config, check_sizes
+from .config import TrainConfig, as_config, plain
 from .config import option_str as value
 from .data import build_data
-from .devices import check_compiler, configure_torch, resolve_device
+from .devices import configure_torch, resolve_device
 from .errors import UsageError
 from .model import GPT
 from .optim import build_optimizer, grad_norm_and_clip, lr_at, set_lr
@@ -37,96 +39,122 @@ log = logging.getLogger("gpt2.train")
 
 # ---- set-up ---------------------------------------------------------------------------------------
 
-def build_model(cfg, gpt_config, device: torch.device, world_size: int = 1) -> GPT:
-    if cfg.model.init_from == "scratch":
-        model = GPT(gpt_config)
-    else:
-        try:
-            model = GPT.from_pretrained(cfg.model.init_from, vocab_size=gpt_config.vocab_size,
-                                        attention=gpt_config.attention)
-        except ValueError as e:  # another architecture, or a GPT-2 with weights missing
-            raise UsageError(f"model.init_from={cfg.model.init_from}: {e}; give a GPT-2 checkpoint (a hub name "
-                             "gpt2 ... gpt2-xl, or a folder written by transformers)") from None
-        except OSError as e:
-            raise UsageError(f"model.init_from={cfg.model.init_from}: could not load Hugging Face weights "
-                             f"({str(e).splitlines()[0]}); give a hub name (gpt2 ... gpt2-xl) with network "
-                             "access, or a folder written by transformers") from None
-        check_sizes(cfg, model.config.block_size, world_size)  # the weights' context, known only now
+def build_model(model_cfg, gpt_config, device: torch.device) -> GPT:
+    """The model of the run's `model` section: `gpt_config` from scratch, or model.init_from's weights."""
+    if model_cfg.init_from == "scratch":
+        return GPT(gpt_config).to(device)
+    try:
+        model = GPT.from_pretrained(model_cfg.init_from, vocab_size=gpt_config.vocab_size,
+                                    attention=gpt_config.attention)
+    except ValueError as e:  # another architecture, or a GPT-2 with weights missing
+        raise UsageError(f"model.init_from={model_cfg.init_from}: {e}; give a GPT-2 checkpoint (a hub name "
+                         "gpt2 ... gpt2-xl, or a folder written by transformers)") from None
+    except OSError as e:
+        raise UsageError(f"model.init_from={model_cfg.init_from}: could not load Hugging Face weights "
+                         f"({str(e).splitlines()[0]}); give a hub name (gpt2 ... gpt2-xl) with network "
+                         "access, or a folder written by transformers") from None
     return model.to(device)
 
 
-def set_up(cfg, run_dir: Path, summary: dict) -> Run:
-    """Device, torch flags, checked config, data, model (wrapped for DDP and compile), optimizer, resume."""
-    ranks = distributed.ranks_from_env()
-    device = resolve_device(value(cfg.train.device), ranks)
-    summary.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                   device_type=device.type, world_size=ranks.world_size)
-    configure_torch(cfg, device)
-    gpt_config = check_config(cfg, ranks)
-    if cfg.train.compile:
-        check_compiler(device)
-    distributed.init_process_group(ranks, value(cfg.train.ddp_backend), device)
-
-    # data: every rank reads its own share of the same chunks a single process would read
-    B, T, W = cfg.train.batch_size, cfg.train.seq_len or gpt_config.block_size, ranks.world_size
-    total_batch = cfg.train.total_batch_size or B * T * W
-    grad_accum = total_batch // (B * T * W)
-    train_loader, val_tokens = build_data(cfg, B, T, ranks.rank, W, vocab_size=gpt_config.tokenizer_vocab_size)
-    summary.update(batch_size=B, seq_len=T, tokens_per_step=total_batch, grad_accum_steps=grad_accum)
-
-    # model, wrapped for data parallelism (DDP) and for speed (compile); raw_model is what we save
-    raw_model = build_model(cfg, gpt_config, device, W)
-    model = ddp_model = None
-    if W > 1:
+def wrap_model(raw_model: GPT, train_cfg: TrainConfig, ranks, device: torch.device):
+    """(model, ddp_model): the module the steps call, wrapped for data parallelism (DDP) and for speed (compile),
+    and the DDP wrapper (None in a single process); raw_model stays what is saved and evaluated."""
+    ddp_model = None
+    if ranks.world_size > 1:
         # gradients as views of DDP's buckets: no second copy of them (about 0.5 GB for 124M); the only
         # buffers are the constant causal masks, so there is nothing to broadcast before each forward
         # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
         no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else "broadcast_buffers": False}
-        model = ddp_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                                gradient_as_bucket_view=True, **no_sync)
-    model = model or raw_model
-    if cfg.train.compile:
-        model = torch.compile(model)
-    optimizer = build_optimizer(raw_model, cfg.optim, device)
-    run = Run(cfg=cfg, run_dir=run_dir, ranks=ranks, device=device, raw_model=raw_model, model=model,
-              ddp_model=ddp_model, optimizer=optimizer, train_loader=train_loader, val_tokens=val_tokens,
-              batch_size=B, seq_len=T, total_batch=total_batch, grad_accum=grad_accum,
-              bf16=value(cfg.train.autocast_dtype) == "bf16", config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        ddp_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                        gradient_as_bucket_view=True, **no_sync)
+    model = ddp_model or raw_model
+    if train_cfg.compile:
+        model = torch.compile(model, options=dict(train_cfg.compile_options) or None)
+    return model, ddp_model
+
+
+def set_up(cfg, run_dir: Path, summary: dict) -> Run:
+    """Device, torch flags, checked config, data, model (wrapped for DDP and compile), optimizer, resume.
+    `cfg`: the composed config (or its typed form); what runs reads the typed, checked one (Run.cfg)."""
+    config = as_config(cfg)
+    t, ranks = config.train, distributed.ranks_from_env()
+    device = resolve_device(value(t.device), ranks)
+    summary.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                   device_type=device.type, world_size=ranks.world_size)
+    configure_torch(t, device)
+    gpt_config = check_config(config, ranks)
+    if t.compile:
+        check_compile(t, device)
+    distributed.init_process_group(ranks, value(t.ddp_backend), device)
+
+    # data: every rank reads its own share of the same chunks a single process would read
+    B, T, W = t.batch_size, t.seq_len or gpt_config.block_size, ranks.world_size
+    total_batch = t.total_batch_size or B * T * W
+    if t.hellaswag_every:  # the rows in-loop evaluations need: a missing file fails before the first step
+        from .hellaswag import examples_for_training
+        examples_for_training(t)
+    train_loader, val_tokens = build_data(config.data, B, T, ranks.rank, W, vocab_size=gpt_config.tokenizer_vocab_size)
+    summary.update(batch_size=B, seq_len=T, tokens_per_step=total_batch, grad_accum_steps=total_batch // (B * T * W))
+
+    raw_model = build_model(config.model, gpt_config, device)
+    if config.model.init_from != "scratch":  # the weights' context, known only now
+        check_sizes(t, raw_model.config.block_size, W, from_weights=True)
+    model, ddp_model = wrap_model(raw_model, t, ranks, device)
+    run = Run(cfg=config, run_dir=run_dir, ranks=ranks, device=device, raw_model=raw_model, model=model,
+              ddp_model=ddp_model, optimizer=build_optimizer(raw_model, config.optim, device),
+              train_loader=train_loader, val_tokens=val_tokens, batch_size=B, seq_len=T, total_batch=total_batch,
+              grad_accum=total_batch // (B * T * W), bf16=value(t.autocast_dtype) == "bf16",
+              config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
               model_shape={k: getattr(raw_model.config, k) for k in
                            ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")})
-    resume = checkpoint.resume_source(cfg.train.resume, run_dir)
-    if resume:
-        summary.update(checkpoint.resume_into(resume, model=raw_model, optimizer=optimizer,
-                                              loader=train_loader, model_shape=run.model_shape,
-                                              config_yaml=run.config_yaml, device=device))
-        log.info(f"resumed from {summary['resumed_from']} at step {summary['start_step']}")
-    if cfg.train.resume == checkpoint.RESUME_AUTO:  # going on in this folder: its checkpoint is this run's own
-        run.saved_step = summary.get("start_step") if resume else None
-        if ranks.is_main:
-            checkpoint.forget_steps_from(run_dir / "metrics.jsonl", summary.get("start_step", 0))
+    resume(run, summary)
+    prepare_measurements(run, summary)
+    return run
 
+
+def resume(run: Run, summary: dict) -> None:
+    """train.resume: the weights, optimizer and data position of a checkpoint, into this run."""
+    t = run.cfg.train
+    source = checkpoint.resume_source(t.resume, run.run_dir)
+    if source:
+        summary.update(checkpoint.resume_into(source, model=run.raw_model, optimizer=run.optimizer,
+                                              loader=run.train_loader, model_shape=run.model_shape,
+                                              config_yaml=run.config_yaml, device=run.device))
+        log.info(f"resumed from {summary['resumed_from']} at step {summary['start_step']}")
+    if t.resume == checkpoint.RESUME_AUTO:  # going on in this folder: its checkpoint is this run's own
+        run.saved_step = summary.get("start_step") if source else None
+        if run.ranks.is_main:
+            checkpoint.forget_steps_from(run.run_dir / "metrics.jsonl", summary.get("start_step", 0))
+    run.steps_done = summary.get("start_step", 0)
+
+
+def prepare_measurements(run: Run, summary: dict) -> None:
+    """What the steps are measured with: the autocast read back from torch, the MFU peak, the step log and
+    wandb on the main process; the closing line of the set-up."""
+    config, device, raw_model, T = run.cfg, run.device, run.raw_model, run.seq_len
     with run.autocast():  # what the steps will run in, read back from torch inside the same region
         run.effective_autocast = (str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
                                   if torch.is_autocast_enabled(device.type) else "none")
-    run.steps_done = summary.get("start_step", 0)
     dtype = metrics.compute_dtype(device, run.bf16)
-    run.matmul_shapes = metrics.model_matmul_shapes(B * T, raw_model.config.n_embd, raw_model.lm_head.weight.shape[0],
-                                                    device)
+    run.matmul_shapes = metrics.model_matmul_shapes(run.batch_size * T, raw_model.config.n_embd,
+                                                    raw_model.lm_head.weight.shape[0], device)
     peak, peak_source = metrics.peak_tflops(device, dtype, run.matmul_shapes)
-    if ranks.is_main:
-        run.step_log = metrics.StepLog(run_dir, log, raw_model.flops_per_token(T), peak)
-        run.tracker = WandbRun(cfg, run_dir, resume_id=summary.get("resumed_wandb_id"))
+    if run.ranks.is_main:
+        run.step_log = metrics.StepLog(run.run_dir, log, raw_model.flops_per_token(T), peak)
+        run.tracker = WandbRun(config.logger.wandb, config.stage.name, plain(config), run.run_dir,
+                               resume_id=summary.get("resumed_wandb_id"))
         summary["wandb_run_id"] = run.tracker.id  # a run that resumes this one continues its wandb run
     summary.update(compute_dtype=dtype, mfu_peak_tflops=peak, mfu_peak_source=peak_source, mfu_note=None,
                    params=raw_model.num_params(non_embedding=False), model_shape=run.model_shape)
-    if value(cfg.optim.schedule) == "cosine" and 0 < cfg.train.steps <= cfg.optim.warmup_steps and ranks.is_main:
-        log.warning(f"optim.warmup_steps={cfg.optim.warmup_steps} is not shorter than train.steps={cfg.train.steps}: "
+    o, t = config.optim, config.train
+    if value(o.schedule) == "cosine" and 0 < t.steps <= o.warmup_steps and run.ranks.is_main:
+        log.warning(f"optim.warmup_steps={o.warmup_steps} is not shorter than train.steps={t.steps}: "
                     "the learning rate never reaches optim.lr (fine for a timing run, not for training)")
-    if ranks.is_main:
-        log.info(f"{summary['stage']}: {summary['params']:,} parameters on {summary['device']} x{W}, "
-                 f"B={B} T={T}, {total_batch:,} tokens/step = {grad_accum} micro-step(s)")
-    return run
+    if run.ranks.is_main:
+        log.info(f"{summary['stage']}: {summary['params']:,} parameters on {summary['device']} "
+                 f"x{run.ranks.world_size}, B={run.batch_size} T={T}, {run.total_batch:,} tokens/step = "
+                 f"{run.grad_accum} micro-step(s)")
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -227,7 +255,7 @@ def train(cfg, run_dir: Path, summary: RunSummary) -> RunSummary:
     run = set_up(cfg, run_dir, summary)
     status = "ok"
     with StopFlag() as stop:
-        for step in range(run.steps_done, cfg.train.steps):
+        for step in range(run.steps_done, run.cfg.train.steps):
             record = train_step(run, step)
             if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
                 status = stop_diverged(run, record, summary)

@@ -1,9 +1,15 @@
-"""Shared test set-up: no network, tokenizer and Tiny Shakespeare from local copies where they exist."""
+"""Shared test set-up: no network, tokenizer and Tiny Shakespeare from local copies where they exist; the
+fixtures more than one test module uses. Helpers that are not fixtures live in tests/helpers.py.
+
+This file imports nothing of the project's at the top: tests/test_ci_checks.py runs it alone, in a folder of its
+own, so REPO is found here as in helpers.py."""
 
 import os
 from pathlib import Path
 
 import pytest
+
+pytest.register_assert_rewrite("helpers")  # its asserts report their values, as a test module's do
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # CI and the development machines keep offline copies here
@@ -48,6 +54,17 @@ def shakespeare_path() -> Path:
                     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt "
                     "and set GPT2_SPEEDRUN_TEST_DATA=/path/to/input.txt")
     return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A run folder with a tiny random model, served by uvicorn in a thread (tests/test_serve*.py): its base URL."""
+    from gpt2.serve import create_app  # the serve extra: the modules that take this fixture skip without it
+    from helpers import CAP, serving, tiny_run
+
+    model, info = tiny_run(tmp_path_factory.mktemp("run"))
+    with serving(create_app(model, info, max_tokens_cap=CAP, model_name="tiny")) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- CI: no test skips unnoticed

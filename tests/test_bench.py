@@ -7,9 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
-from test_config import STAGES
-from test_peers import make_fake_llmc
+from helpers import REPO, STAGES, make_fake_llmc
 
 
 def bench(*args, timeout=900):
@@ -20,7 +18,7 @@ def bench(*args, timeout=900):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, shakespeare_path):
     out = tmp_path_factory.mktemp("bench") / "out"
-    llmc = make_fake_llmc(tmp_path_factory.mktemp("llm.c"))  # a stand-in train_gpt2cu (tests/test_peers.py)
+    llmc = make_fake_llmc(tmp_path_factory.mktemp("llm.c"))  # a stand-in train_gpt2cu (tests/helpers.py)
     return bench("--smoke", "--out", str(out), "--data", str(shakespeare_path), "--budget-s", "600",
                  "--llmc", str(llmc)), out
 

@@ -3,13 +3,13 @@ GPT2_SPEEDRUN_STRICT_SKIPS=1), warnings the project causes are errors and a hang
 [tool.pytest.ini_options]). Each runs pytest on a tiny suite of its own, in a fresh process."""
 
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
+
 pytest_plugins = ["pytester"]
 
-REPO = Path(__file__).resolve().parents[1]
 SUITE = '''
 import pytest
 
@@ -35,18 +35,18 @@ def test_trains():
 
 @pytest.fixture
 def suite(pytester):
-    """A folder with this project's conftest.py and the `cuda` marker, where pytest runs in a fresh process."""
+    """A folder with this project's conftest.py and its markers, where pytest runs in a fresh process."""
     pytester.makeconftest((REPO / "tests" / "conftest.py").read_text())
-    pytester.makeini("[pytest]\nmarkers =\n    cuda: needs a CUDA GPU\n")
+    pytester.makeini("[pytest]\nmarkers =\n    cuda: needs a CUDA GPU\n    slow: starts a subprocess or trains\n")
     return pytester
 
 
-def run(pytester, strict: bool, monkeypatch):
+def run(pytester, strict: bool, monkeypatch, *args):
     if strict:
         monkeypatch.setenv("GPT2_SPEEDRUN_STRICT_SKIPS", "1")
     else:
         monkeypatch.delenv("GPT2_SPEEDRUN_STRICT_SKIPS", raising=False)
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", *args)
 
 
 def test_an_unexpected_skip_fails_a_strict_run_and_says_which(suite, monkeypatch):
@@ -85,6 +85,16 @@ def test_sweep():
     result = run(suite, True, monkeypatch)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     assert "test_cluster.py: the plugin is not installed: pip install -e '.[cluster]'" in result.stdout.str()
+
+
+def test_a_deselected_test_is_not_a_skip(suite, monkeypatch):
+    """`-m "not slow"` (the fast tests) leaves a slow test out: not run, so not a skip a strict run fails on."""
+    suite.makepyfile(test_suite=SUITE + "\n@pytest.mark.slow" + NO_DATA)
+    result = run(suite, True, monkeypatch, "-m", "not slow")
+    assert result.ret == pytest.ExitCode.OK and "unexpected skip" not in result.stdout.str()
+    result.assert_outcomes(passed=1, skipped=2, xfailed=1, deselected=1)
+    everything = run(suite, True, monkeypatch)  # the same suite in full: the slow test's skip is unexpected
+    assert everything.ret == pytest.ExitCode.TESTS_FAILED and "1 unexpected skip(s)" in everything.stdout.str()
 
 
 def test_a_failing_run_keeps_its_exit_status(suite, monkeypatch):

@@ -18,17 +18,14 @@ import torch
 from gpt2 import report_rules as rules
 from gpt2.checkpoint import CHECKPOINT_NAME
 from gpt2.report import build_report
-from test_sweep import REPO, data_args, run_py, summaries
+from helpers import REPO, TINY_CLUSTER, data_args, run_py, summaries
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                     reason="hydra-submitit-launcher is not installed: pip install -e '.[cluster]'")
 
-TINY = ["model=tiny", "train.device=cpu", "train.steps=2", "train.batch_size=2", "train.seq_len=32",
-        "train.timing_skip=1", "train.val_batches=1"]
-
 
 def test_local_launcher_sweep_writes_every_job_and_one_report(tmp_path, shakespeare_path):
-    result = run_py("-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY,
+    result = run_py("-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY_CLUSTER,
                     *data_args(tmp_path, shakespeare_path), f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = summaries(tmp_path / "sweep")
@@ -43,14 +40,14 @@ def test_local_launcher_sweep_writes_every_job_and_one_report(tmp_path, shakespe
     assert list(table["overlapped_with"]) == (["flash", "baseline"] if overlapped else ["", ""])
     assert ("timing not comparable" in (tmp_path / "sweep" / "report.md").read_text()) == overlapped
     # a used sweep folder is refused, as with the basic launcher
-    again = run_py("-m", "+stage=baseline", "hydra/launcher=local_cpu", *TINY, *data_args(tmp_path, shakespeare_path),
-                   f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=120)
+    again = run_py("-m", "+stage=baseline", "hydra/launcher=local_cpu", *TINY_CLUSTER,
+                   *data_args(tmp_path, shakespeare_path), f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=120)
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
 def test_failed_job_under_a_launcher_plugin_fails_the_sweep(tmp_path, shakespeare_path):
     # the jobs run in other processes: the submitting one learns of the failure from tf32's summary.json
-    result = run_py("-m", "+stage=baseline,tf32", "hydra/launcher=local_cpu", *TINY,
+    result = run_py("-m", "+stage=baseline,tf32", "hydra/launcher=local_cpu", *TINY_CLUSTER,
                     *data_args(tmp_path, shakespeare_path),
                     "+sweep.stage_overrides.tf32=['train.total_batch_size=1000']",
                     f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
@@ -61,7 +58,7 @@ def test_failed_job_under_a_launcher_plugin_fails_the_sweep(tmp_path, shakespear
     table = pd.read_csv(tmp_path / "sweep" / "report.csv")
     assert list(table["status"]) == ["ok", "failed"]
     # the job ran in submitit's process, not `python run.py`: its command is the sweep's, with its own values
-    typed = ["hydra/launcher=local_cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", "+stage=tf32", *TINY]
+    typed = ["hydra/launcher=local_cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", "+stage=tf32", *TINY_CLUSTER]
     assert runs["1_tf32"]["command"].startswith("python run.py -m ") and "_submit" not in runs["1_tf32"]["command"]
     assert set(typed) <= set(shlex.split(runs["1_tf32"]["command"]))
     assert "+stage=baseline" not in runs["1_tf32"]["command"]
@@ -82,7 +79,7 @@ def _processes_of(sweep_dir):
 
 def test_ctrl_c_on_the_submitting_side_cancels_the_jobs(tmp_path, shakespeare_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY, "train.steps=1000000",
+    args = ["-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY_CLUSTER, "train.steps=1000000",
             *data_args(tmp_path, shakespeare_path), f"hydra.sweep.dir={sweep}"]
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, stdout=out, stderr=err)
@@ -124,7 +121,7 @@ def test_a_job_killed_hard_still_gets_the_sweeps_report(tmp_path, shakespeare_pa
     # SIGKILL (out of memory, a lost node): no summary.json at the end and no result for submitit; the plugin
     # alone would abort the sweep there, report and all
     sweep = tmp_path / "sweep"
-    args = ["-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY, "train.steps=3",
+    args = ["-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY_CLUSTER, "train.steps=3",
             "+sweep.stage_overrides.flash=['train.steps=1000000']", *data_args(tmp_path, shakespeare_path),
             f"hydra.sweep.dir={sweep}"]
     with open(tmp_path / "err", "w") as err:

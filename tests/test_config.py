@@ -4,15 +4,12 @@ import re
 import shutil
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-import gpt2.job  # noqa: F401  registers the schema and the shared_now resolver
-from conftest import REPO
+import gpt2.job
 from gpt2.bench import sweep_stage_names as sweep_stages  # the stages a sweep config runs, in its order
-
-CONF = REPO / "conf"
+from helpers import CONF, REPO, STAGES, compose_with
 
 
 def parent_stage(name: str):
@@ -21,8 +18,6 @@ def parent_stage(name: str):
     match = re.search(r"^defaults:\s*\n\s*-\s*(\S+)", text, re.M)
     return match.group(1) if match else None
 
-
-STAGES = sweep_stages("speedup_full")  # every stage of the project, in order
 
 # what each stage adds, as (key, value) pairs; a stage must also carry everything before it
 ADDS = {
@@ -44,11 +39,6 @@ ADDS = {
     "fused-loss": [("model.loss", "fused")],
     "big-batch": [("train.batch_size", 64)],
 }
-
-
-def compose_with(overrides, config_dir=CONF):
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def lookup(cfg, dotted):

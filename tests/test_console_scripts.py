@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from gpt2 import cli
-from test_sweep import run_py
+from helpers import run_py
 
 BIN = Path(sys.executable).parent
-COMMANDS = ["gpt2-train", "gpt2-sample", "gpt2-serve", "gpt2-report", "gpt2-bench", "gpt2-prepare", "gpt2-evaluate"]
-REINSTALL = 'reinstall after editing pyproject.toml: pip install -e ".[cpu,dev,serve,cluster]"'
+COMMANDS = ["gpt2-train", "gpt2-sample", "gpt2-serve", "gpt2-report", "gpt2-bench", "gpt2-prepare", "gpt2-evaluate",
+            "gpt2-export"]
+REINSTALL = 'reinstall after editing pyproject.toml: pip install -e ".[cpu,dev,serve,cluster,eval]"'
 
 
 def command(name, *args, cwd, env=None):

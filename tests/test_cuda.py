@@ -13,7 +13,6 @@ Every body takes its device from the `cuda` fixture and every tolerance says why
 import contextlib
 import copy
 import gc
-import json
 import math
 
 import numpy as np
@@ -26,8 +25,7 @@ from gpt2.devices import enable_sdpa_backends, enabled_sdpa_backends, set_sdpa_b
 from gpt2.data import load_tokens
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer, describe_optimizer, lr_at, set_lr
-from test_config import compose_with
-from test_train import run_train
+from helpers import compose_with, records, run_train
 
 pytestmark = [
     pytest.mark.cuda,
@@ -132,12 +130,6 @@ def overall_cosine(grads_a, grads_b):
 
 def relative_error(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
-def records(run_dir, key="loss"):
-    """The lines of metrics.jsonl that carry `key` (steps: "loss"; validations: "val_loss")."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if key in r]
 
 
 # ---- the model on the GPU -------------------------------------------------------------------------

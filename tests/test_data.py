@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from gpt2 import data, tokenizer
 from gpt2.config import DataConfig
 from gpt2.errors import UsageError
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
 
 

@@ -3,18 +3,12 @@
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
-TINY = ["+stage=gpt3-optim", "model=tiny", "train.device=cpu", "train.batch_size=2", "train.seq_len=32",
-        "train.timing_skip=1", "train.val_batches=2"]
+from helpers import REPO, TINY_DDP, free_port, launch, records
 
 
 def no_traceback_of_ours(out: str) -> bool:
@@ -22,44 +16,12 @@ def no_traceback_of_ours(out: str) -> bool:
     return f'File "{REPO / "gpt2"}' not in out and f'File "{REPO / "run.py"}' not in out
 
 
-def launch(nproc, args, cwd, wait=True, torchrun=None, script=REPO / "run.py", env=None):
-    """`torchrun --standalone --nproc_per_node=nproc run.py args` (or plain python for one process) in cwd.
-
-    torchrun: the launcher's flags instead of --standalone (a rendezvous of several agents, restarts), for any
-    nproc; script: what each process runs instead of run.py; env: variables added to the environment."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    if torchrun is None and nproc > 1:
-        torchrun = ["--standalone"]
-    prefix = [sys.executable, "-m", "torch.distributed.run", *torchrun, f"--nproc_per_node={nproc}"] \
-        if torchrun is not None else [sys.executable]
-    cmd = [*prefix, str(script), *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # a session of its own: on a hang, the whole tree goes (torchrun's workers too, not only torchrun)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:6])} ... did not end in 300 s; its output:\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def run_folders(cwd: Path):
     return sorted(p.parent for p in (cwd / "outputs").glob("*/*/summary.json"))
 
 
 def losses(run_dir: Path):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in lines if "loss" in r], [r["val_loss"] for r in lines if "val_loss" in r]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [r["loss"] for r in records(run_dir)], [r["val_loss"] for r in records(run_dir, "val_loss")]
 
 
 def rendezvous(nnodes: int, **options) -> list:
@@ -73,7 +35,7 @@ def accumulation(tmp_path_factory, shakespeare_path):
     """256 tokens per step: two ranks x two micro-steps of 2x32, or one process x four micro-steps. The
     arguments, and the run folder of one process doing it by accumulation."""
     tmp = tmp_path_factory.mktemp("one_process")
-    args = [*TINY, f"data.path={shakespeare_path}", f"data.cache_dir={tmp / 'cache'}", "train.steps=4",
+    args = [*TINY_DDP, f"data.path={shakespeare_path}", f"data.cache_dir={tmp / 'cache'}", "train.steps=4",
             "train.total_batch_size=256"]
     single = launch(1, args, tmp)
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
@@ -144,7 +106,7 @@ def test_two_nodes_on_one_host_equal_one_process_with_accumulation(tmp_path, acc
 
 
 def test_world_size_must_divide_the_batch(tmp_path, shakespeare_path):
-    result = launch(2, [*TINY, f"data.path={shakespeare_path}", f"data.cache_dir={tmp_path / 'cache'}",
+    result = launch(2, [*TINY_DDP, f"data.path={shakespeare_path}", f"data.cache_dir={tmp_path / 'cache'}",
                         "train.steps=1", "train.total_batch_size=192"], tmp_path)
     assert result.returncode != 0
     out = result.stdout + result.stderr
@@ -153,7 +115,7 @@ def test_world_size_must_divide_the_batch(tmp_path, shakespeare_path):
 
 
 def test_nccl_needs_cuda(tmp_path, shakespeare_path):
-    result = launch(2, [*TINY, f"data.path={shakespeare_path}", f"data.cache_dir={tmp_path / 'cache'}",
+    result = launch(2, [*TINY_DDP, f"data.path={shakespeare_path}", f"data.cache_dir={tmp_path / 'cache'}",
                         "train.steps=1", "train.ddp_backend=nccl"], tmp_path)
     assert result.returncode != 0
     out = result.stdout + result.stderr
@@ -178,7 +140,7 @@ def _rank_pid(rank: int, marker: str):
 
 def test_a_dead_rank_stops_the_run(tmp_path, shakespeare_path):
     marker = str(tmp_path / "cache")
-    proc = launch(2, [*TINY, f"data.path={shakespeare_path}", f"data.cache_dir={marker}", "train.steps=100000",
+    proc = launch(2, [*TINY_DDP, f"data.path={shakespeare_path}", f"data.cache_dir={marker}", "train.steps=100000",
                       "optim.warmup_steps=1"], tmp_path, wait=False)
     try:
         deadline = time.time() + 120

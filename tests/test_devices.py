@@ -6,7 +6,7 @@ import weakref
 import torch
 
 from gpt2.devices import configure_torch
-from test_config import compose_with
+from helpers import compose_with
 
 
 class Cycle:
@@ -22,12 +22,12 @@ def test_each_job_frees_what_the_last_left_in_cycles_and_freezes_the_rest():
     cpu = torch.device("cpu")
     gc.disable()  # no automatic collection in between: only configure_torch's own
     try:
-        configure_torch(cfg, cpu)  # the previous job
+        configure_torch(cfg.train, cpu)  # the previous job
         left_behind = Cycle()
         weights = weakref.ref(left_behind.weights)
         del left_behind
         assert weights() is not None  # garbage, but in a cycle
-        configure_torch(cfg, cpu)  # the next job
+        configure_torch(cfg.train, cpu)  # the next job
         freed = weights() is None
         assert freed, "the last job's garbage in a cycle outlived the next job's set-up"
         # what survives the collection belongs to the process (modules, Hydra's objects): frozen, so that

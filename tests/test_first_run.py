@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from gpt2 import distributed, training_run
 from gpt2.distributed import Ranks
 from gpt2.model import GPT, GPTConfig
-from test_ddp import TINY, launch
-from test_sweep import run_py
-from test_train import run_train
+from helpers import REPO, TINY_DDP, launch, run_py, run_train
 
 
 # ---- --help and TAB completion never load torch -----------------------------------------------------
@@ -48,7 +45,7 @@ def test_help_and_completion_do_not_load_torch(args, expected):
 # ---- bad settings are refused before the run folder is made -----------------------------------------
 
 def test_torchrun_refuses_a_bad_batch_once_and_makes_no_folder(tmp_path, shakespeare_path):
-    result = launch(2, [*TINY, f"data.path={shakespeare_path}", "train.steps=1", "train.total_batch_size=192"],
+    result = launch(2, [*TINY_DDP, f"data.path={shakespeare_path}", "train.steps=1", "train.total_batch_size=192"],
                     tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode != 0

@@ -11,22 +11,19 @@ Tolerances (CPU; the FP8 matmuls are emulated exactly there, see gpt2/fp8.py fp8
   the loss falls in those steps).
 """
 
-import json
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
 from gpt2 import fp8
 from gpt2.checks import check_config
 from gpt2.distributed import ranks_from_env
 from gpt2.errors import UsageError
 from gpt2.fused_loss import fused_linear_cross_entropy
 from gpt2.model import GPT, GPTConfig
-from test_config import compose_with
-from test_train import run_train
+from helpers import REPO, compose_with, records, run_train
 
 
 def inputs(n=50, c=64, vocab=256, seed=0, x_scale=1.0):
@@ -119,8 +116,7 @@ def test_50_steps_stay_within_tolerance_of_the_bf16_stage(tmp_path, shakespeare_
     finals = {}
     for stage in ("big-batch", "fp8-head"):
         summary, run_dir = run_train(tmp_path, shakespeare_path, f"+stage={stage}", *small, name=stage)
-        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                  if '"loss"' in line]
+        losses = [r["loss"] for r in records(run_dir)]
         assert summary["status"] == "ok" and len(losses) == 50
         assert losses[0] - summary["final_loss"] > 0.8, "the runs must learn for the comparison to mean anything"
         finals[stage] = summary["final_loss"]

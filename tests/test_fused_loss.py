@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 import gpt2.job  # noqa: F401  registers the config schema
-from conftest import REPO
+from helpers import REPO
 from gpt2.fused_loss import CHUNK_ELEMENTS, chunk_rows_for, fused_linear_cross_entropy
 from gpt2.model import GPT, GPTConfig
 

@@ -10,7 +10,7 @@ import torch
 
 from gpt2 import metrics
 from gpt2.model import GPT, GPTConfig
-from test_train import run_train
+from helpers import run_train
 
 CPU = torch.device("cpu")
 TINY_SHAPES = metrics.model_matmul_shapes(2 * 32, 64, 50257, CPU)  # B=2, T=32 on the tiny model

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import REPO
 from gpt2 import checkpoint, train
 from gpt2 import evaluate as evaluate_cmd
 from gpt2 import sample as sample_cmd
@@ -30,9 +29,8 @@ from gpt2.errors import UsageError
 from gpt2.model import GPT, GPTConfig
 from gpt2.model_files import ModelFileError
 from gpt2.optim import build_optimizer
-from test_config import compose_with
+from helpers import REPO, SHAPE_KEYS, compose_with
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 LARGE = dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257)  # gpt2-large: 3.1 GB in fp32
 PEAK_RSS_LIMIT = 1.5 * 2**30  # a refusal takes ~0.4 GB (python, torch); building the claimed model takes 3+ GB
 
@@ -359,7 +357,7 @@ def test_init_from_refuses_bad_folders(case, files, no_model_built):
     _, name, words = {**HF, **INIT_FROM_ONLY}[case]
     cfg = compose_with(["model=tiny", f"model.init_from={folder}"])
     with pytest.raises(UsageError) as refused:  # the default stage's explicit-mask attention, as a run builds it
-        train.build_model(cfg, GPTConfig.from_preset("tiny", attention="manual"), torch.device("cpu"))
+        train.build_model(cfg.model, GPTConfig.from_preset("tiny", attention="manual"), torch.device("cpu"))
     assert_one_line_refusal(f"error: {refused.value}", f"model.init_from={folder}:", folder / name, words, files)
     assert not no_model_built
 

@@ -2,7 +2,6 @@
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -11,52 +10,7 @@ import pytest
 
 from gpt2 import peers, peers_hf, peers_llmc, peers_table
 from gpt2.errors import UsageError
-
-# A stand-in for train_gpt2cu: checks its flags and its token files as llm.c would, records what it got
-# (fake_run.json), and prints step lines in train_gpt2.cu's printf format. Step 1 is slow (as a real
-# first step is), the others 100 or 104 ms: a median that kept step 1 would come out different.
-FAKE_TRAIN = '''#!{python}
-import json, sys
-import numpy as np
-
-args = sys.argv[1:]
-flags = dict(zip(args[::2], args[1::2]))
-def fail(why):
-    print("fake train_gpt2cu: " + why)
-    sys.exit(1)
-if len(args) % 2 or any(not a.startswith("-") for a in args[::2]):
-    fail("flags come in pairs")
-if flags.get("-e") != "d12" or flags.get("-s") != "0" or flags.get("-n") != "0" or "-o" in flags:
-    fail("expected random init (-e d12), no sampling (-s 0), no checkpoints (-n 0, no -o)")
-B, T, D, X, V = (int(flags[k]) for k in ("-b", "-t", "-d", "-x", "-v"))
-if D % (B * T) or V <= X:
-    fail("-d must be a multiple of B*T and -v beyond -x")
-files = {{}}
-for key in ("-i", "-j"):
-    data = open(flags[key], "rb").read()
-    header = np.frombuffer(data[:1024], dtype="<i4")
-    if header[0] != 20240520 or header[1] != 1:
-        print("Bad magic in the data file")
-        sys.exit(1)
-    n = int(header[2])
-    if len(data) != 1024 + 2 * n or n < B * T + 1:
-        fail("file size is not as expected")
-    files[key] = {{"tokens": n, "first": np.frombuffer(data[1024:1034], dtype="<u2").tolist()}}
-json.dump({{"argv": args, "files": files}}, open("fake_run.json", "w"))
-print("| max_steps             | %-50d |" % X)
-print("val loss 11.012345")
-for step in range(X):
-    ms = 5000.0 if step == 0 else (100.0 if step % 2 else 104.0)
-    print("step %4d/%d | loss %7.6f (%+.2fz)| norm %6.4f (%+.2fz)| lr %.2e | %.2f ms | %.1f%% bf16 MFU | %.0f tok/s"
-          % (step + 1, X, 11.0 - 0.1 * step, float("nan"), 1.5, float("nan"), 6e-5, ms, 38.5, D / ms * 1000))
-print("total average iteration time: 102.000000 ms")
-'''
-
-MAKEFILE = """train_gpt2cu:
-\tcp fake_train_gpt2cu.py train_gpt2cu
-\tchmod +x train_gpt2cu
-\techo "USE_CUDNN=$(USE_CUDNN) NO_MULTI_GPU=$(NO_MULTI_GPU) NO_USE_MPI=$(NO_USE_MPI)" > make_vars.txt
-"""
+from helpers import make_fake_llmc
 
 FAILING_MAKEFILE = """train_gpt2cu:
 \t@echo "nvcc -O3 train_gpt2.cu -o train_gpt2cu"
@@ -73,15 +27,6 @@ endif
 \tcp fake_train_gpt2cu.py train_gpt2cu
 \tchmod +x train_gpt2cu
 """
-
-
-def make_fake_llmc(folder: Path, makefile: str = MAKEFILE) -> Path:
-    """A stand-in llm.c checkout whose `make train_gpt2cu` writes FAKE_TRAIN (also for test_bench's smoke)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "Makefile").write_text(makefile)
-    (folder / "train_gpt2.cu").write_text("// stand-in\n")
-    (folder / "fake_train_gpt2cu.py").write_text(FAKE_TRAIN.format(python=sys.executable))
-    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -13,14 +13,11 @@ import signal
 import pytest
 import torch
 
-from conftest import REPO
 from gpt2.checkpoint import CHECKPOINT_NAME, forget_steps_from
-from test_ddp import TINY, launch
-from test_reliability import digest, output_of, records, strict_json
-from test_sweep import run_py
+from helpers import REPO, TINY_DDP, digest, launch, output_of, records, run_py, strict_json
 
 # cosine schedule after a 2-step warm-up, AdamW moments, clipping: a restart at the wrong step would show
-AUTO = [*TINY, "train.steps=7", "optim.warmup_steps=2", "train.val_every=3", "train.checkpoint_every=2",
+AUTO = [*TINY_DDP, "train.steps=7", "optim.warmup_steps=2", "train.val_every=3", "train.checkpoint_every=2",
         "train.resume=auto"]
 STEP_KEYS = ("step", "loss", "lr", "grad_norm")
 
@@ -163,7 +160,7 @@ def test_auto_refuses_what_it_cannot_continue(tmp_path, data_args, case):
         (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
     before = sorted(tmp_path.rglob("*"))
     flags = [a for a in extra if a.startswith("--")]  # Hydra's own flags come before the overrides
-    result = run_py(*flags, *TINY, *data_args, "train.steps=1", "train.resume=auto",
+    result = run_py(*flags, *TINY_DDP, *data_args, "train.steps=1", "train.resume=auto",
                     *(a for a in extra if a not in flags), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in output_of(result)
     [line] = output_of(result).strip().splitlines()
@@ -177,7 +174,7 @@ def test_auto_refuses_what_it_cannot_continue(tmp_path, data_args, case):
 def two_ranks(tmp_path_factory, data_args):
     """The command for two ranks, and the folder of its run that nothing stopped (a folder that did not exist:
     train.resume=auto starts the run)."""
-    command = [*TINY, *data_args, "train.steps=6", "optim.warmup_steps=1", "train.checkpoint_every=2",
+    command = [*TINY_DDP, *data_args, "train.steps=6", "optim.warmup_steps=1", "train.checkpoint_every=2",
                "train.resume=auto"]
     full_dir = tmp_path_factory.mktemp("two_ranks") / "full"
     full = launch(2, [*command, f"hydra.run.dir={full_dir}"], full_dir.parent)

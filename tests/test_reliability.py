@@ -5,9 +5,7 @@ In-process runs (run_train) where the loop's behaviour is the point; `python run
 where the command line is: exit codes, what the user reads, what is left on disk.
 """
 
-import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -20,19 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import REPO
 from gpt2 import checkpoint, metrics, train as train_module
 from gpt2.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from gpt2.errors import UsageError
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer
-from test_config import compose_with
-from test_sweep import run_py
-from test_train import run_train
+from helpers import (REPO, SHAPE_KEYS, TINY, compose_with, digest, output_of, records, run_py, run_train,
+                     strict_json)
 
 SMALL = ["train.batch_size=2", "train.seq_len=32"]
-CLI = ["model=tiny", "train.device=cpu", *SMALL, "train.val_batches=1", "train.timing_skip=1"]
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
 @pytest.fixture(scope="module")
@@ -55,28 +49,7 @@ def run(shakespeare_path, data_cache):
 
 
 def cli_args(data_args, run_dir, *overrides):
-    return [*CLI, *data_args, f"hydra.run.dir={run_dir}", *overrides]
-
-
-def output_of(result) -> str:
-    return result.stdout + result.stderr
-
-
-def records(run_dir, key="loss"):
-    """The lines of metrics.jsonl that carry `key` (steps: "loss"; validations: "val_loss")."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if key in r]
-
-
-def strict_json(path):
-    """summary.json as strict JSON: NaN or Infinity would break jq, browsers and most other readers."""
-    def refuse(constant):
-        raise ValueError(f"{path} holds {constant}, which is not JSON")
-    return json.loads(path.read_text(), parse_constant=refuse)
-
-
-def digest(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return [*TINY, *data_args, f"hydra.run.dir={run_dir}", *overrides]
 
 
 def tiny_checkpoint(path, config_yaml="model:\n  name: tiny\n", **sizes):
@@ -422,7 +395,7 @@ def test_a_run_log_that_cannot_be_written_says_so_once(tmp_path, capsys):
 def test_sigterm_during_set_up_still_records_the_interruption(tmp_path, shakespeare_path):
     # a fresh token cache: tokenizing takes about a second, between summary.json ("running") and step 0
     run_dir = tmp_path / "run"
-    args = [*CLI, f"data.path={shakespeare_path}", f"data.cache_dir={tmp_path / 'cache'}",
+    args = [*TINY, f"data.path={shakespeare_path}", f"data.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={run_dir}", "train.steps=100000"]
     code, out = signal_run(run_dir, args, signal.SIGTERM, lambda d: (d / "summary.json").is_file())
     assert code == 130  # stopped at once: there is no step to finish
@@ -558,8 +531,8 @@ def test_bf16_on_a_gpu_without_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     with pytest.raises(UsageError, match=r"train.autocast_dtype=bf16, but Tesla V100-SXM2-16GB has no bf16.*"
                                          r"train.autocast_dtype=fp32"):
-        train_module.configure_torch(cfg, torch.device("cuda", 0))
-    train_module.configure_torch(cfg, torch.device("cpu"))  # CPUs run bf16 autocast
+        train_module.configure_torch(cfg.train, torch.device("cuda", 0))
+    train_module.configure_torch(cfg.train, torch.device("cpu"))  # CPUs run bf16 autocast
 
 
 def test_a_corrupt_token_cache_is_rebuilt_during_a_run(tmp_path, shakespeare_path, caplog):

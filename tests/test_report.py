@@ -12,8 +12,8 @@ import pytest
 from gpt2.report import CSV_COLUMNS, EVAL_COLUMNS, build_report, load_runs, main
 from gpt2.report_chart import colors, figure
 from gpt2.report_rules import PUBLISHED
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python run.py -m +stage=baseline,tf32,bf16,flash"
 
 

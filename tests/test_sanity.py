@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import encode
 

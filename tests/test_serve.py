@@ -1,72 +1,18 @@
 """python -m gpt2.serve: the OpenAI-compatible API (plain, streamed, concurrent, bad input, the openai client),
 and the page in a headless browser. A tiny random model from a run folder in tmp_path; no network."""
 
-import contextlib
 import json
-import shutil
-import socket
 import threading
 import time
 
 import pytest
-import torch
 
-fastapi = pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
-uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
+from gpt2.tokenizer import encode
+from helpers import BLOCK, CAP, SERVE_EXTRA, generate_in_page, generating, headless_browser, post
+
+fastapi = pytest.importorskip("fastapi", reason=SERVE_EXTRA)
+uvicorn = pytest.importorskip("uvicorn", reason=SERVE_EXTRA)
 httpx = pytest.importorskip("httpx", reason="httpx (a dependency of the openai client) is not installed")
-
-from gpt2.loading import load_model  # noqa: E402
-from gpt2.model import GPT, GPTConfig  # noqa: E402
-from gpt2.serve import create_app  # noqa: E402
-from gpt2.tokenizer import encode  # noqa: E402
-
-BLOCK = 64
-CAP = 4000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_run(folder, vocab_size=50304):
-    """A run folder holding a tiny random model: (model, info) as load_model reads it back."""
-    torch.manual_seed(0)
-    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=vocab_size)
-    model = GPT(GPTConfig(**shape))
-    torch.save({"model": model.state_dict(), "model_shape": shape, "step": 7, "config": "stage:\n  name: flash\n"},
-               folder / "checkpoint.pt")
-    (folder / "summary.json").write_text(json.dumps({"stage": "flash", "steps": 7, "val_loss": 10.5}))
-    return load_model(str(folder))
-
-
-@contextlib.contextmanager
-def serving(app):
-    """`app` served by uvicorn on a free loopback port, in a thread: its base URL."""
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A run folder with a tiny random model, served by uvicorn in a thread: its base URL."""
-    model, info = tiny_run(tmp_path_factory.mktemp("run"))
-    with serving(create_app(model, info, max_tokens_cap=CAP, model_name="tiny")) as url:
-        yield url
-
-
-def post(server, body, **kw):
-    return httpx.post(f"{server}/v1/completions", json=body, timeout=60, **kw)
 
 
 def test_models_and_info(server):
@@ -126,10 +72,6 @@ def test_concurrent_requests_do_not_mix(server):
     for t in threads:
         t.join(timeout=60)
     assert results == alone
-
-
-def generating() -> int:
-    return sum(t.name.startswith("generate-") for t in threading.enumerate())
 
 
 def test_disconnect_stops_generation(server):
@@ -207,48 +149,6 @@ def test_openai_client_finish_reason_usage_and_errors(server):
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model="tiny", prompt="hi", logprobs=6)  # OpenAI's range: 0..5
     assert refused.value.param == "logprobs" and "<= 5" in refused.value.message
-
-
-def find_browser():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-@contextlib.contextmanager
-def headless_browser():
-    """A selenium Chrome driver on Chromium, headless; skips the test where there is none."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    browser, driver_path = find_browser(), shutil.which("chromedriver")
-    if not browser or not driver_path:
-        pytest.skip("no Chromium and chromedriver on this machine (Debian: apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def generate_in_page(driver, prompt_text="ROMEO:"):
-    """Type a prompt, press Generate, wait for the status line to say done."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    prompt = driver.find_element(By.ID, "prompt")
-    prompt.clear()
-    prompt.send_keys(prompt_text)
-    driver.find_element(By.ID, "seed").send_keys("1")
-    driver.find_element(By.ID, "generate").click()
-    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
-    assert driver.find_element(By.ID, "completion").text.strip()
-    assert driver.find_element(By.ID, "output").text.startswith(prompt_text)
 
 
 def test_page_in_a_headless_browser(server):

@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from test_serve import CAP, post, serving, tiny_run
+from helpers import CAP, SERVE_EXTRA, post, serving, tiny_run
 
+pytest.importorskip("fastapi", reason=SERVE_EXTRA)
+pytest.importorskip("uvicorn", reason=SERVE_EXTRA)
 openai = pytest.importorskip("openai", reason="the openai client is not installed (serve extra)")
 httpx = pytest.importorskip("httpx")
 

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from test_serve import (BLOCK, CAP, generate_in_page, generating, headless_browser, post, server,  # noqa: F401
-                        serving, tiny_run)  # (server: a fixture)
+from helpers import BLOCK, CAP, SERVE_EXTRA, generate_in_page, generating, headless_browser, post, serving, tiny_run
 
+pytest.importorskip("fastapi", reason=SERVE_EXTRA)
+pytest.importorskip("uvicorn", reason=SERVE_EXTRA)
 httpx = pytest.importorskip("httpx")
 
 from gpt2.serve import create_app, parse_args  # noqa: E402

@@ -13,7 +13,7 @@ from gpt2.errors import UsageError
 from gpt2.data import build_data
 from gpt2.shards import ShardLoader, find_shards, shard_name, write_shard
 from gpt2.train import train
-from test_config import compose_with
+from helpers import TINY_SHARDS, compose_with, records
 
 SIZES = [37, 50, 41]  # three shards, none a multiple of B*T: batches straddle every boundary
 
@@ -174,15 +174,15 @@ def test_a_token_id_outside_the_vocabulary_is_refused_before_the_first_step(tmp_
 def test_the_vocabulary_limit_is_the_models_and_its_edge_is_exact(tmp_path):
     folder = tmp_path / "shards"
     paths = make_shards(folder, sizes=[300, 300])
-    cfg = compose_with(["data=fineweb_edu", *TINY, f"data.shards_dir={folder}"])
-    build_data(cfg, 2, 16)  # the ids 0 ... 599 and < 50257 in the val shard: all below the default
+    cfg = compose_with(["data=fineweb_edu", *TINY_SHARDS, f"data.shards_dir={folder}"])
+    build_data(cfg.data, 2, 16)  # the ids 0 ... 599 and < 50257 in the val shard: all below the default
     tokens = np.load(paths[1])
     tokens[5] = 50256  # <|endoftext|>, the last GPT-2 id: fine
     write_shard(paths[1], tokens)
-    build_data(cfg, 2, 16)
+    build_data(cfg.data, 2, 16)
     with pytest.raises(UsageError, match=rf"{paths[0].name} holds token id 299 at position 299, outside the "
                                          "model's vocabulary of 299 GPT-2 ids"):
-        build_data(cfg, 2, 16, vocab_size=299)
+        build_data(cfg.data, 2, 16, vocab_size=299)
     loader = ShardLoader([np.arange(10, dtype=np.uint16)], 2, 4, names=["mine"], vocab_size=10)
     assert loader.n_tokens == 10
     with pytest.raises(UsageError, match="mine holds token id 9 at position 9"):
@@ -191,22 +191,14 @@ def test_the_vocabulary_limit_is_the_models_and_its_edge_is_exact(tmp_path):
 
 # ---- runs ----------------------------------------------------------------------------------------
 
-TINY = ["model=tiny", "train.device=cpu", "train.batch_size=2", "train.seq_len=16", "train.val_batches=2"]
-
-
 def run_on_shards(tmp_path, shards_dir, *overrides, name="run", experiment=None):
     cfg = compose_with(([f"+experiment={experiment}"] if experiment else ["data=fineweb_edu"])
-                       + TINY + [f"data.shards_dir={shards_dir}", *overrides])
+                       + TINY_SHARDS + [f"data.shards_dir={shards_dir}", *overrides])
     run_dir = tmp_path / name
     run_dir.mkdir()
     summary = {"stage": cfg.stage.name}
     train(cfg, run_dir, summary)
     return summary, run_dir
-
-
-def records(run_dir, key="loss"):
-    lines = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    return [r for r in lines if key in r]
 
 
 def test_training_resumed_mid_shard_equals_the_uninterrupted_run(tmp_path):

@@ -1,7 +1,6 @@
 """What one step applies and what the run reports about it, end to end through the real loop: gradient
 clipping changes the update but not the logged norm, and ms/step is the median of the steady-state steps."""
 
-import json
 import statistics
 import types
 
@@ -10,12 +9,7 @@ import torch
 
 import gpt2.train as train_module
 from gpt2.model import GPT, GPTConfig
-from test_train import run_train, saved_weights
-
-
-def step_rows(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+from helpers import records, run_train, saved_weights
 
 
 def start_weights():
@@ -41,7 +35,7 @@ def test_clipping_scales_the_update_and_the_log_keeps_the_norm_before_clipping(t
     grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(free[k]) for k in keys])).item()
     assert grad_norm > 10 * clip  # the case under test: a gradient well over the limit
 
-    [free_row], [clipped_row] = step_rows(free_dir), step_rows(clipped_dir)
+    [free_row], [clipped_row] = records(free_dir), records(clipped_dir)
     # what the log and the step's record report is the norm before clipping, in both runs
     assert free_row["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
     assert clipped_row["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
@@ -75,7 +69,7 @@ def test_ms_per_step_is_the_median_of_the_steady_state_steps(tmp_path, shakespea
     monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=StepClock(step_ms).perf_counter))
     s, run_dir = run_train(tmp_path, shakespeare_path, "train.steps=6", "train.batch_size=2", "train.seq_len=32",
                            "train.timing_skip=2")
-    logged = [r["ms"] for r in step_rows(run_dir)]
+    logged = [r["ms"] for r in records(run_dir)]
     assert logged == pytest.approx(step_ms)  # the loop timed its steps with this clock
     steady = logged[2:]
     assert s["steps_measured"] == 4

@@ -8,9 +8,7 @@ import pytest
 
 from gpt2 import report
 from gpt2.summary_schema import FIELD_TYPES, number_type
-from test_sweep import data_args, run_py
-
-TINY = ["model=tiny", "train.device=cpu", "train.batch_size=2", "train.seq_len=16", "train.val_batches=1"]
+from helpers import TINY_SCHEMA, data_args, run_py
 
 
 def matches(value, declared) -> bool:
@@ -52,7 +50,7 @@ def finished_and_resumed(tmp_path_factory, shakespeare_path):
     rows.write_text("".join(json.dumps({"ctx": f"Row {i}: she opens the door and", "label": i % 4,
                                         "endings": ["walks in.", "sits down.", "sings.", "closes it."]}) + "\n"
                             for i in range(2)))
-    common = [*TINY, *data_args(tmp, shakespeare_path), "train.val_every=1", "train.hellaswag_every=2",
+    common = [*TINY_SCHEMA, *data_args(tmp, shakespeare_path), "train.val_every=1", "train.hellaswag_every=2",
               f"train.hellaswag_data={rows}", "train.sample_every=2", "train.timing_skip=0"]
     first = run_py(*common, "train.steps=2", f"hydra.run.dir={tmp / 'first'}")
     resumed = run_py(*common, "train.steps=3", f"train.resume={tmp / 'first'}", f"hydra.run.dir={tmp / 'resumed'}")

@@ -1,35 +1,10 @@
 """Whole sweeps through `python run.py -m`, as a user runs them: every stage end to end on the CPU,
 isolation between the jobs of one process, a failing stage, and the report written at the end."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 
-from conftest import REPO
-from test_config import STAGES
-
-TINY = ["model=tiny", "train.device=cpu", "train.steps=3", "train.batch_size=2", "train.seq_len=32",
-        "train.timing_skip=1", "train.val_batches=1"]
-
-
-def run_py(*args, cwd=REPO, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def data_args(tmp_path, shakespeare_path):
-    return [f"data.path={shakespeare_path}", f"data.cache_dir={tmp_path / 'cache'}"]
-
-
-def summaries(sweep_dir):
-    jobs = sorted((p for p in sweep_dir.iterdir() if (p / "summary.json").is_file()),
-                  key=lambda p: int(p.name.split("_")[0]))
-    return {p.name: json.loads((p / "summary.json").read_text()) for p in jobs}
+from helpers import STAGES, TINY_SWEEP, data_args, run_py, summaries
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +15,7 @@ def all_stages(tmp_path_factory, shakespeare_path):
     # CPU (minutes each on 2 cores), and they are tested compiled on their own (tests/test_fused_loss.py)
     overrides = {stage: [small_total] + (["'train.compile=false'"] if i > STAGES.index("compile") else [])
                  for i, stage in enumerate(STAGES) if i >= STAGES.index("grad-accum")}
-    result = run_py("-m", f"+stage={','.join(STAGES)}", *TINY, *data_args(tmp, shakespeare_path),
+    result = run_py("-m", f"+stage={','.join(STAGES)}", *TINY_SWEEP, *data_args(tmp, shakespeare_path),
                     *[f"+sweep.stage_overrides.{stage}=[{','.join(extra)}]" for stage, extra in overrides.items()],
                     f"hydra.sweep.dir={tmp / 'sweep'}")
     return result, tmp / "sweep"
@@ -97,7 +72,7 @@ def test_sweep_writes_a_report_in_stage_order(all_stages):
 def test_failing_stage_and_job_isolation(tmp_path, shakespeare_path):
     # bf16 first, then the baseline in the same process: the baseline must not inherit bf16's flags;
     # tf32 is made to fail (a batch that does not divide) and must become a failed row, not a crash
-    result = run_py("-m", "+stage=bf16,baseline,tf32", *TINY, *data_args(tmp_path, shakespeare_path),
+    result = run_py("-m", "+stage=bf16,baseline,tf32", *TINY_SWEEP, *data_args(tmp_path, shakespeare_path),
                     "+sweep.stage_overrides.tf32=['train.total_batch_size=1000']",
                     f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert result.returncode != 0

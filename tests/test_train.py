@@ -7,26 +7,9 @@ import math
 import pytest
 import torch
 
-from gpt2.checkpoint import CHECKPOINT_NAME
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer, lr_at
-from gpt2.train import train
-from test_config import compose_with
-
-
-def run_train(tmp_path, shakespeare_path, *overrides, name="run"):
-    """Compose like `python run.py <overrides>` and run the loop into tmp_path/name; returns the summary."""
-    cfg = compose_with(["model=tiny", "train.device=cpu", f"data.path={shakespeare_path}",
-                        f"data.cache_dir={tmp_path / 'cache'}", "train.val_batches=1", *overrides])
-    run_dir = tmp_path / name
-    run_dir.mkdir()
-    summary = {"stage": cfg.stage.name}
-    train(cfg, run_dir, summary)
-    return summary, run_dir
-
-
-def saved_weights(run_dir):
-    return torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["model"]
+from helpers import compose_with, run_train, saved_weights
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path, shakespeare_path):
@@ -189,7 +172,7 @@ def test_sdpa_backend_switches_are_set_whole_for_every_job():
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_compile_without_a_compiler_is_one_line(monkeypatch, device):
     from gpt2.errors import UsageError
-    from gpt2.train import check_compiler
+    from gpt2.devices import check_compiler
 
     monkeypatch.setattr("shutil.which", lambda name: None)
     monkeypatch.delenv("CC", raising=False)

@@ -23,6 +23,7 @@ def smoke(tmp_path_factory, shakespeare_path):
                  "--llmc", str(llmc)), out
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_phase(smoke):
     result, out = smoke
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -35,6 +36,7 @@ def test_smoke_runs_every_phase(smoke):
     assert env["torch"] == torch.__version__ and env["gpu"] is None and isinstance(env["python_headers"], bool)
 
 
+@pytest.mark.slow
 def test_smoke_sweep_has_every_stage_and_a_report(smoke):
     _, out = smoke
     runs = json.loads((out / "bench.json").read_text())["sweep"]
@@ -45,6 +47,7 @@ def test_smoke_sweep_has_every_stage_and_a_report(smoke):
     assert (out / "sweep" / "report.md").is_file() and (out / "sweep" / "report.png").is_file()
 
 
+@pytest.mark.slow
 def test_smoke_packs_everything_into_one_archive(smoke):
     import tarfile
 
@@ -55,6 +58,7 @@ def test_smoke_packs_everything_into_one_archive(smoke):
             "sweep/0_baseline/metrics.jsonl"} <= names
 
 
+@pytest.mark.slow
 def test_smoke_peers_phase(smoke):
     _, out = smoke
     peers = json.loads((out / "peers.json").read_text())
@@ -64,6 +68,7 @@ def test_smoke_peers_phase(smoke):
     assert "## Peers, same card, same call" in (out / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_smoke_scan_and_table(smoke):
     _, out = smoke
     scan = json.loads((out / "bench.json").read_text())["scan"]
@@ -74,6 +79,7 @@ def test_smoke_scan_and_table(smoke):
         assert f"| sweep | {stage} |" in table
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_one_line_and_touch_nothing(tmp_path):
     used = tmp_path / "used"
     used.mkdir()
@@ -112,6 +118,7 @@ def test_a_sweep_cut_at_its_limit_is_ok_only_when_every_job_and_the_report_were_
         assert row["status"] == "timed out" and row["detail"].startswith("1 of 2 stages ok")
 
 
+@pytest.mark.slow
 def test_smoke_scan_runs_one_step_a_size(smoke):
     _, out = smoke
     scan = json.loads((out / "bench.json").read_text())["scan"]

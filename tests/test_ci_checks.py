@@ -9,6 +9,7 @@ import pytest
 from helpers import REPO
 
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.slow  # every test starts pytest or ruff in a fresh process
 
 SUITE = '''
 import pytest

@@ -24,6 +24,7 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                     reason="hydra-submitit-launcher is not installed: pip install -e '.[cluster]'")
 
 
+@pytest.mark.slow
 def test_local_launcher_sweep_writes_every_job_and_one_report(tmp_path, shakespeare_path):
     result = run_py("-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY_CLUSTER,
                     *data_args(tmp_path, shakespeare_path), f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
@@ -45,6 +46,7 @@ def test_local_launcher_sweep_writes_every_job_and_one_report(tmp_path, shakespe
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
+@pytest.mark.slow
 def test_failed_job_under_a_launcher_plugin_fails_the_sweep(tmp_path, shakespeare_path):
     # the jobs run in other processes: the submitting one learns of the failure from tf32's summary.json
     result = run_py("-m", "+stage=baseline,tf32", "hydra/launcher=local_cpu", *TINY_CLUSTER,
@@ -77,6 +79,7 @@ def _processes_of(sweep_dir):
     return found
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_submitting_side_cancels_the_jobs(tmp_path, shakespeare_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "+stage=baseline,flash", "hydra/launcher=local_cpu", *TINY_CLUSTER, "train.steps=1000000",
@@ -117,6 +120,7 @@ def _both_training(sweep) -> bool:
                for name in ("0_baseline", "1_flash"))
 
 
+@pytest.mark.slow
 def test_a_job_killed_hard_still_gets_the_sweeps_report(tmp_path, shakespeare_path):
     # SIGKILL (out of memory, a lost node): no summary.json at the end and no result for submitit; the plugin
     # alone would abort the sweep there, report and all

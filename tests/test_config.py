@@ -161,6 +161,7 @@ def test_a_typo_in_a_stage_override_is_a_usage_error():
         gpt2.job.with_stage_overrides(cfg)
 
 
+@pytest.mark.slow
 def test_help_lists_the_stages_in_order_and_the_plus():
     import subprocess
     import sys

@@ -29,6 +29,7 @@ def command(name, *args, cwd, env=None):
 
 
 @pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.slow
 def test_every_command_is_installed_and_answers_help(tmp_path, name):
     result = command(name, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -36,6 +37,7 @@ def test_every_command_is_installed_and_answers_help(tmp_path, name):
     assert list(tmp_path.iterdir()) == []  # --help makes no outputs/ folder
 
 
+@pytest.mark.slow
 def test_gpt2_train_trains_from_another_folder(tmp_path, shakespeare_path):
     run_dir = tmp_path / "run"
     result = command("gpt2-train", "+stage=flash", "model=tiny", "train.device=cpu", "train.steps=1",
@@ -54,6 +56,7 @@ def test_gpt2_train_trains_from_another_folder(tmp_path, shakespeare_path):
     ["model=tiny", "train.device=cpu", "train.seq_len=65"],  # refused by the job: its exit code comes through
     ["train.stepz=1"],  # a typo in a key: Hydra's own error
 ])
+@pytest.mark.slow
 def test_a_bad_setting_gets_the_same_error_and_exit_code_as_run_py(tmp_path, shakespeare_path, args):
     args = [*args, f"data.path={shakespeare_path}", f"hydra.run.dir={tmp_path / 'run'}"]
     by_script = command("gpt2-train", *args, cwd=tmp_path)
@@ -65,6 +68,7 @@ def test_a_bad_setting_gets_the_same_error_and_exit_code_as_run_py(tmp_path, sha
         assert by_script.stderr.startswith("error: ") and by_script.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_gpt2_train_finds_the_projects_launchers_from_another_folder(tmp_path):
     # Hydra imports every module of the hydra_plugins namespace on start: ours must be among them, installed
     plugins = command("gpt2-train", "--info", "plugins", cwd=tmp_path)
@@ -76,6 +80,7 @@ def test_gpt2_train_finds_the_projects_launchers_from_another_folder(tmp_path):
     assert "_target_: hydra_plugins.gpt2_speedrun_launchers.LocalLauncher" in composed.stdout
 
 
+@pytest.mark.slow
 def test_gpt2_train_tab_completion_from_another_folder(tmp_path):
     install = command("gpt2-train", "-sc", "install=bash", cwd=tmp_path)
     assert install.returncode == 0 and install.stdout.rstrip().endswith("-F hydra_bash_completion gpt2-train")

@@ -29,6 +29,7 @@ from helpers import compose_with, records, run_train
 
 pytestmark = [
     pytest.mark.cuda,
+    pytest.mark.slow,  # about 90 s on an H100 (see above): compiles and trains
     pytest.mark.skipif(not torch.cuda.is_available(),
                        reason="no CUDA device: these run on a GPU machine (python -m gpt2.bench)"),
 ]

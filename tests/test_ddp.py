@@ -10,6 +10,8 @@ import pytest
 
 from helpers import REPO, TINY_DDP, free_port, launch, records
 
+pytestmark = pytest.mark.slow  # every test starts torchrun (or run.py) in a subprocess
+
 
 def no_traceback_of_ours(out: str) -> bool:
     """torchrun prints its own traceback when a worker exits non-zero; ours must print none."""

@@ -147,6 +147,7 @@ def png_size(path: Path) -> tuple:
 
 
 @pytest.mark.parametrize("folder", REPORTS, ids=[str(p.relative_to(REPO / "experiments")) for p in REPORTS])
+@pytest.mark.slow
 def test_a_committed_report_rebuilds_unchanged(folder, tmp_path):
     """report.md byte for byte; report.csv cell for cell but for `folder` and `run_dir` (paths relative to
     where the report is written: here --out); report.png at the same size (its pixels are matplotlib's and

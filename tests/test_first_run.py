@@ -35,6 +35,7 @@ def imported_modules(*args, env=None):
     (["-sc", "install=bash"], "hydra_bash_completion"),
     (["-sc", "query=bash"], "+stage=flash"),  # the shell asks with COMP_LINE, as after `python run.py +stage=`
 ])
+@pytest.mark.slow
 def test_help_and_completion_do_not_load_torch(args, expected):
     env = dict(os.environ, COMP_LINE="python run.py +stage=", COMP_POINT="21")
     out, modules = imported_modules(*args, env=env)
@@ -44,6 +45,7 @@ def test_help_and_completion_do_not_load_torch(args, expected):
 
 # ---- bad settings are refused before the run folder is made -----------------------------------------
 
+@pytest.mark.slow
 def test_torchrun_refuses_a_bad_batch_once_and_makes_no_folder(tmp_path, shakespeare_path):
     result = launch(2, [*TINY_DDP, f"data.path={shakespeare_path}", "train.steps=1", "train.total_batch_size=192"],
                     tmp_path)
@@ -53,6 +55,7 @@ def test_torchrun_refuses_a_bad_batch_once_and_makes_no_folder(tmp_path, shakesp
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_job_that_fails_a_check_is_never_offered_for_resuming(tmp_path, shakespeare_path):
     # a sweep's jobs are checked in the job (their settings exist only there): its folder records the failure,
     # and a second start into that sweep folder is refused without advising train.resume (no checkpoint there)

@@ -91,6 +91,7 @@ def test_cpu_fp8_mm_equals_torch_scaled_mm(a_dtype, out_dtype):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_fullgraph_equals_eager():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=128, tokenizer_vocab_size=100, n_layer=1, n_head=2, n_embd=32,
@@ -108,6 +109,7 @@ def test_compiled_fullgraph_equals_eager():
     assert relative_error(results[0][1], results[1][1]) < 1e-2
 
 
+@pytest.mark.slow
 def test_50_steps_stay_within_tolerance_of_the_bf16_stage(tmp_path, shakespeare_path):
     # the stages' settings (bf16, flash, vocab 50304, GPT-3 optimizer, fused loss) at a CPU size, eager
     # (the compiled path is the test above); big-batch is fp8-head without FP8
@@ -124,6 +126,7 @@ def test_50_steps_stay_within_tolerance_of_the_bf16_stage(tmp_path, shakespeare_
     assert abs(finals["fp8-head"] - finals["big-batch"]) < 0.02, finals
 
 
+@pytest.mark.slow
 def test_stage_composes_on_top_of_big_batch():
     out = subprocess.run([sys.executable, str(REPO / "run.py"), "+stage=fp8-head", "--cfg", "job"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

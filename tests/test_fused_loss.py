@@ -195,6 +195,7 @@ def test_without_targets_fused_gives_full_logits_and_generates():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.slow
 def test_compiled_fullgraph_equals_eager(bf16):
     _, fused = tiny_pair()
     idx, targets = batch()

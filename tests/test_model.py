@@ -316,6 +316,7 @@ def test_top_k_1_is_greedy():
 
 # ---- training ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_preset_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", attention="flash"))

@@ -424,6 +424,7 @@ def refusals(files):
 
 
 @pytest.mark.parametrize("option, kind, case", SUBPROCESS_CASES)
+@pytest.mark.slow
 def test_each_command_refuses_in_its_own_process(option, kind, case, files, refusals):
     if option == "serve":
         pytest.importorskip("uvicorn")
@@ -437,6 +438,7 @@ def test_each_command_refuses_in_its_own_process(option, kind, case, files, refu
     assert not (files["tmp"] / "runs" / f"{option}-{case}" / CHECKPOINT_NAME).exists()
 
 
+@pytest.mark.slow
 def test_training_starts_from_safetensors_beside_a_pickle(files):
     folder = files["hf"]["both-formats"]
     rc, out, _ = run_measured(train_args(files, files["tmp"] / "runs" / "both-formats", f"model.init_from={folder}"))

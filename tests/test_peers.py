@@ -124,6 +124,7 @@ def test_make_command_and_train_args():
 
 # ---- the llm.c peer, end to end through a stand-in checkout -----------------------------------------
 
+@pytest.mark.slow
 def test_llmc_peer_builds_writes_data_runs_and_parses(tmp_path, token_files):
     (train_file, val_file), train, val = token_files
     checkout = make_fake_llmc(tmp_path / "llm.c")
@@ -148,6 +149,7 @@ def test_missing_checkout_is_a_skipped_row(tmp_path, token_files):
     assert row["ms_per_step"] is None and row["tokens_per_sec"] is None
 
 
+@pytest.mark.slow
 def test_failing_make_is_a_failed_row_with_the_compiler_error(tmp_path, token_files):
     (train_file, val_file), _, _ = token_files
     checkout = make_fake_llmc(tmp_path / "llm.c", FAILING_MAKEFILE)
@@ -157,6 +159,7 @@ def test_failing_make_is_a_failed_row_with_the_compiler_error(tmp_path, token_fi
                              'is undefined')
 
 
+@pytest.mark.slow
 def test_a_failed_cudnn_build_is_built_again_without(tmp_path, token_files):
     (train_file, val_file), _, _ = token_files
     checkout = make_fake_llmc(tmp_path / "llm.c", NO_CUDNN_LIBRARY_MAKEFILE)
@@ -169,6 +172,7 @@ def test_a_failed_cudnn_build_is_built_again_without(tmp_path, token_files):
     assert "USE_CUDNN=0" in (tmp_path / "llmc_build.log").read_text()
 
 
+@pytest.mark.slow
 def test_no_nvcc_and_a_crashing_binary(tmp_path, token_files, monkeypatch):
     (train_file, val_file), _, _ = token_files
     checkout = make_fake_llmc(tmp_path / "llm.c")
@@ -193,6 +197,7 @@ def test_a_peer_without_time_left_is_skipped_not_started(tmp_path, token_files):
     assert row["status"] == "skipped" and not (tmp_path / "transformers.log").exists()
 
 
+@pytest.mark.slow
 def test_run_logged_stops_a_run_at_its_limit(tmp_path):
     t0 = time.monotonic()
     assert peers.run_logged(["sleep", "30"], tmp_path / "sleep.log", limit_s=1) is None
@@ -284,6 +289,7 @@ def test_markdown_table():
 
 # ---- the phase, as the bench runs it --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_phase_runs_both_peers_and_writes_peers_json(tmp_path, shakespeare_path):
     from gpt2.bench import Bench
 

@@ -90,6 +90,7 @@ def assert_same_run(run_dir, full_dir):
 @pytest.mark.parametrize("signum, at, continues_from", [(signal.SIGKILL, 5, 4), (signal.SIGKILL, 1, 0),
                                                         (signal.SIGUSR1, 4, 5), (signal.SIGUSR2, 3, 4)],
                          ids=["SIGKILL-between-checkpoints", "SIGKILL-before-any-checkpoint", "SIGUSR1", "SIGUSR2"])
+@pytest.mark.slow
 def test_the_same_command_continues_a_stopped_run_as_if_never_stopped(tmp_path, data_args, uninterrupted, signum,
                                                                         at, continues_from):
     run_dir = tmp_path / "run"
@@ -127,6 +128,7 @@ def test_the_rows_logged_after_the_checkpoint_go_and_so_does_a_row_cut_short(tmp
     assert metrics.read_text() == kept
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_left_as_it_is(uninterrupted, data_args):
     # a requeued job that had already finished: nothing trained again, nothing rewritten, exit 0
     files = sorted(p for p in uninterrupted.rglob("*") if p.is_file())
@@ -153,6 +155,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
+@pytest.mark.slow
 def test_auto_refuses_what_it_cannot_continue(tmp_path, data_args, case):
     extra, summary, message = REFUSED[case]
     if summary:
@@ -190,6 +193,7 @@ def assert_same_losses(run_dir, full_dir):
     assert [{k: r[k] for k in STEP_KEYS} for r in steps] == [{k: r[k] for k in STEP_KEYS} for r in full_steps]
 
 
+@pytest.mark.slow
 def test_sigusr1_to_torchrun_stops_every_rank_after_one_step_and_the_same_command_continues(tmp_path, two_ranks):
     # SLURM signals torchrun's agent; with SIGUSR1 among --signals-to-handle it passes the signal on to its
     # ranks, which agree on the step to stop after, save it, and exit; then the job is requeued
@@ -212,6 +216,7 @@ def test_sigusr1_to_torchrun_stops_every_rank_after_one_step_and_the_same_comman
     assert_same_losses(run_dir, full_dir)
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_rank_and_the_run_finishes(tmp_path, two_ranks):
     # rank 1 is killed in step 2, after the checkpoint of step 2; torchrun --max-restarts=1 starts both ranks
     # again with the same command, and train.resume=auto continues from that checkpoint

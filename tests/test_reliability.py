@@ -90,6 +90,7 @@ def crash_at(monkeypatch, bad_step):
 # ---- checkpoints ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("steps, saved_at", [(5, [2, 4, 5]), (4, [2, 4])])
+@pytest.mark.slow
 def test_checkpoint_every_n_steps_and_at_the_end(tmp_path, run, monkeypatch, steps, saved_at):
     saved = []
     original = checkpoint.save_checkpoint
@@ -107,6 +108,7 @@ def test_checkpoint_every_n_steps_and_at_the_end(tmp_path, run, monkeypatch, ste
     assert not list(run_dir.glob(".*.tmp"))  # no temporary file left over
 
 
+@pytest.mark.slow
 def test_a_single_run_keeps_its_final_model_a_sweep_job_only_when_asked(tmp_path, run, data_args, caplog):
     summary, run_dir = run(tmp_path, *SMALL, "train.steps=2")  # checkpoint_every=0, the default
     assert summary["status"] == "ok" and torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)["step"] == 2
@@ -140,6 +142,7 @@ def test_a_write_that_fails_midway_leaves_the_old_checkpoint(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # the partial file is gone
 
 
+@pytest.mark.slow
 def test_a_process_killed_mid_write_leaves_the_old_checkpoint(tmp_path):
     path = tiny_checkpoint(tmp_path / CHECKPOINT_NAME)
     before = path.read_bytes()
@@ -191,6 +194,7 @@ def assert_continues(resumed_dir, full_dir, first_step):
         assert torch.equal(final_resumed["model"][key], tensor), key
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path, run, monkeypatch, uninterrupted):
     full_summary, full_dir = uninterrupted
     interrupt_after(monkeypatch, last_step=2)  # mid-way between the checkpoints at 2 and 4
@@ -206,6 +210,7 @@ def test_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path, run, monkeyp
     assert_continues(resumed_dir, full_dir, first_step=3)
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_from_the_last_periodic_checkpoint(tmp_path, run, monkeypatch, uninterrupted):
     crash_at(monkeypatch, bad_step=5)  # steps 0-4 done, the last checkpoint is from step 4
     with pytest.raises(RuntimeError, match="node lost"):
@@ -218,6 +223,7 @@ def test_resume_after_a_crash_from_the_last_periodic_checkpoint(tmp_path, run, m
     assert_continues(resumed_dir, uninterrupted[1], first_step=4)
 
 
+@pytest.mark.slow
 def test_resume_warns_about_changed_settings(tmp_path, run, caplog):
     _, first_dir = run(tmp_path, *SMALL, "train.steps=2", "train.checkpoint_every=2", name="first")
     with caplog.at_level(logging.WARNING, logger="gpt2"):
@@ -227,6 +233,7 @@ def test_resume_warns_about_changed_settings(tmp_path, run, caplog):
     assert f"-> {first_dir}" not in warning  # train.resume differs by nature: not a change to warn about
 
 
+@pytest.mark.slow
 def test_resume_continues_with_this_runs_optimizer_settings(tmp_path, run, caplog):
     # torch's load_state_dict would bring back the saved betas, eps and weight decay over the run's config
     _, first_dir = run(tmp_path, *SMALL, "train.steps=2", "train.checkpoint_every=2", name="first")
@@ -294,6 +301,7 @@ def two_steps_logged(run_dir):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+@pytest.mark.slow
 def test_signal_finishes_the_step_saves_and_exits_non_zero(tmp_path, run, data_args, signum):
     run_dir = tmp_path / "run"
     code, out = signal_run(run_dir, cli_args(data_args, run_dir, "train.steps=100000"), signum, two_steps_logged)
@@ -348,6 +356,7 @@ def _save_that(monkeypatch, action, on_write=3, on_save=1):
     monkeypatch.setattr(checkpoint.torch, "save", save)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_while_saving_keeps_the_previous_checkpoint(tmp_path, run, monkeypatch):
     interrupt_after(monkeypatch, last_step=1)  # the first Ctrl-C: finish the step, then save and stop
     _save_that(monkeypatch, lambda: signal.raise_signal(signal.SIGINT), on_save=2)  # the second, while saving
@@ -392,6 +401,7 @@ def test_a_run_log_that_cannot_be_written_says_so_once(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_sigterm_during_set_up_still_records_the_interruption(tmp_path, shakespeare_path):
     # a fresh token cache: tokenizing takes about a second, between summary.json ("running") and step 0
     run_dir = tmp_path / "run"
@@ -414,6 +424,7 @@ def finished_run(tmp_path_factory, data_args):
     return tmp, run_dir
 
 
+@pytest.mark.slow
 def test_validation_loss_in_metrics_summary_and_report(finished_run):
     tmp, run_dir = finished_run
     vals = records(run_dir, "val_loss")
@@ -428,6 +439,7 @@ def test_validation_loss_in_metrics_summary_and_report(finished_run):
     assert "val loss" in md and f"{summary['val_loss']:.3f}" in md
 
 
+@pytest.mark.slow
 def test_a_finished_run_folder_is_never_overwritten(finished_run, data_args):
     tmp, run_dir = finished_run
     files = sorted(p for p in run_dir.rglob("*") if p.is_file())
@@ -442,6 +454,7 @@ def test_a_finished_run_folder_is_never_overwritten(finished_run, data_args):
     assert {p: digest(p) for p in files} == before
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_summary_is_a_run_too(tmp_path, data_args):
     run_dir = tmp_path / "run"
     path = tiny_checkpoint(run_dir / CHECKPOINT_NAME)
@@ -452,6 +465,7 @@ def test_a_checkpoint_without_a_summary_is_a_run_too(tmp_path, data_args):
     assert digest(path) == before and sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME]
 
 
+@pytest.mark.slow
 def test_a_folder_without_a_checkpoint_is_never_offered_for_resuming(tmp_path, data_args):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -462,6 +476,7 @@ def test_a_folder_without_a_checkpoint_is_never_offered_for_resuming(tmp_path, d
         "hydra.run.dir=..."]
 
 
+@pytest.mark.slow
 def test_two_runs_started_into_one_folder_at_once(tmp_path, data_args):
     # the other run holds the folder's lock (as a live process would); the second start is refused and
     # writes nothing; the lock dies with its process, so a killed run never blocks the folder for good
@@ -488,6 +503,7 @@ def test_two_runs_started_into_one_folder_at_once(tmp_path, data_args):
 
 # ---- divergence -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_args):
     run_dir = tmp_path / "run"
     result = run_py(*cli_args(data_args, run_dir, "train.steps=30", "train.checkpoint_every=1",
@@ -507,6 +523,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_args
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
+@pytest.mark.slow
 def test_an_infinite_gradient_norm_is_divergence_too(tmp_path, run, monkeypatch):
     # the loss of that step is still finite, but its update (inf or nan gradients) has ruined the weights
     calls = []
@@ -535,6 +552,7 @@ def test_bf16_on_a_gpu_without_it(monkeypatch):
     train_module.configure_torch(cfg.train, torch.device("cpu"))  # CPUs run bf16 autocast
 
 
+@pytest.mark.slow
 def test_a_corrupt_token_cache_is_rebuilt_during_a_run(tmp_path, shakespeare_path, caplog):
     args = [*SMALL, "train.steps=1", "data.max_chars=20000"]
     run_train(tmp_path, shakespeare_path, *args, name="first")
@@ -643,6 +661,7 @@ def refusals(tmp_path_factory, data_args):
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(case, refusals):
     if case == "cuda-without-cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -240,6 +240,7 @@ def test_cli_writes_into_out(sweep, tmp_path, capsys):
     assert "report.md" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_module_entrypoint_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gpt2.report", str(tmp_path / "missing")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
@@ -247,6 +248,7 @@ def test_module_entrypoint_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_matches_api_byte_for_byte_in_a_fresh_process(sweep):
     """A fresh interpreter (other hash seed, other memory layout) writes the same bytes as this one."""
     first = {k: p.read_bytes() for k, p in build_report([sweep]).items()}

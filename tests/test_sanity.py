@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from helpers import REPO
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import encode
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # every test builds GPT-2 124M or starts `python -m gpt2.sample`
 
 
 def test_fresh_124m_model_loss_is_near_uniform(shakespeare_path):

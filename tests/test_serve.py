@@ -151,6 +151,7 @@ def test_openai_client_finish_reason_usage_and_errors(server):
     assert refused.value.param == "logprobs" and "<= 5" in refused.value.message
 
 
+@pytest.mark.slow
 def test_page_in_a_headless_browser(server):
     with headless_browser() as driver:
         from selenium.webdriver.common.by import By

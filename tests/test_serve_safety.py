@@ -258,6 +258,7 @@ def test_concurrency_bound_answers_429(slow):
     assert post(url, {"prompt": "hi", "max_tokens": 2}).status_code == 200  # the slot came back
 
 
+@pytest.mark.slow
 def test_plain_request_stops_when_the_client_goes_away(slow):
     url, calls = slow
     settle(calls)
@@ -270,6 +271,7 @@ def test_plain_request_stops_when_the_client_goes_away(slow):
     assert len(calls) == ran and generating() == 0
 
 
+@pytest.mark.slow
 def test_page_asks_for_the_key_in_a_headless_browser(guarded):
     with headless_browser() as driver:
         from selenium.webdriver.common.by import By
@@ -286,6 +288,7 @@ def test_page_asks_for_the_key_in_a_headless_browser(guarded):
         generate_in_page(driver)
 
 
+@pytest.mark.slow
 def test_page_script_parses(tmp_path):
     node = shutil.which("node")
     if not node:

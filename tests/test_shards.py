@@ -201,6 +201,7 @@ def run_on_shards(tmp_path, shards_dir, *overrides, name="run", experiment=None)
     return summary, run_dir
 
 
+@pytest.mark.slow
 def test_training_resumed_mid_shard_equals_the_uninterrupted_run(tmp_path):
     shards = tmp_path / "shards"
     make_shards(shards, sizes=[150, 90, 200], seed=1)  # 32 tokens a step: step 5 starts inside the second shard

@@ -59,6 +59,7 @@ def finished_and_resumed(tmp_path_factory, shakespeare_path):
     return [json.loads((tmp / name / "summary.json").read_text()) for name in ("first", "resumed")]
 
 
+@pytest.mark.slow
 def test_a_real_runs_summary_holds_only_declared_keys_of_their_types(finished_and_resumed):
     first, resumed = finished_and_resumed
     assert first["status"] == "ok" and "hellaswag_acc_norm" in first and first["val_loss"] is not None

@@ -6,6 +6,8 @@ import pytest
 
 from helpers import STAGES, TINY_SWEEP, data_args, run_py, summaries
 
+pytestmark = pytest.mark.slow  # every test runs a sweep through `python run.py -m`
+
 
 @pytest.fixture(scope="module")
 def all_stages(tmp_path_factory, shakespeare_path):

@@ -12,6 +12,7 @@ from gpt2.optim import build_optimizer, lr_at
 from helpers import compose_with, run_train, saved_weights
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch(tmp_path, shakespeare_path):
     # plain SGD with lr=1 and no decay: the weights after one step are the start minus the gradient,
     # so equal weights mean equal gradients
@@ -90,6 +91,7 @@ def test_summary_figures_are_consistent(tmp_path, shakespeare_path):
     assert len(steps) == 4
 
 
+@pytest.mark.slow
 def test_a_failing_logger_never_ends_the_run(tmp_path, shakespeare_path, monkeypatch, caplog):
     import wandb
 
@@ -138,6 +140,7 @@ def test_the_loop_does_not_hold_the_logits_through_backward(tmp_path, shakespear
     assert alive_in_backward[-1] is True
 
 
+@pytest.mark.slow
 def test_validation_does_not_recompile_the_compiled_model(tmp_path, shakespeare_path, monkeypatch):
     # dynamo guards on grad mode and module.training: evaluating the compiled model under no_grad/eval()
     # would compile a second graph; validation runs the plain module instead. The eager backend keeps
@@ -234,6 +237,7 @@ def test_wandb_gets_validation_and_mfu_and_a_resumed_run_continues_its_wandb_run
     assert inits[1]["id"] == "run1" and inits[1]["resume"] == "allow" and second["wandb_run_id"] == "run1"
 
 
+@pytest.mark.slow
 def test_samples_during_training_leave_the_run_unchanged(tmp_path, shakespeare_path):
     # build-nanogpt prints samples every 250 steps; drawing them must not move the run's own random numbers
     common = ["train.steps=2", "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=2"]

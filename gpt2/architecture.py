@@ -1,5 +1,5 @@
 """What a GPT can be built as, torch-free: the size presets, GPT-2's vocabulary, the attention and loss
-implementations. The config schema (gpt2/config.py) and the model (gpt2/model.py) both read them here, so the
+implementations. The config schema (gpt2/config.py) and the model (gpt2/model/gpt.py) both read them here, so the
 allowed values are stated once, and `run.py --help` composes the config without loading torch."""
 
 from enum import Enum
@@ -19,13 +19,14 @@ PRESETS = {
 class Attention(str, Enum):
     manual = "manual"  # explicit causal mask + softmax, as in the GPT-2 paper
     flash = "flash"  # F.scaled_dot_product_attention(is_causal=True): FlashAttention kernels on GPU
+    flash4 = "flash4"  # FlashAttention-4 (flash-attn-4, CuTe DSL) on Hopper and Blackwell: gpt2/model/flash4.py
 
 
 class Loss(str, Enum):
     plain = "plain"  # lm_head logits (B*T, V), then cross-entropy: the textbook formulation
     fused = "fused"  # classifier + cross-entropy fused and chunked: the full logits never exist
     # fused, and the classifier's three matmuls (logits, grad input, grad weight) in FP8 with per-tensor dynamic
-    # scales (e4m3 forward, e5m2 gradients; gpt2/fp8.py): twice the bf16 matmul rate on Ada/Hopper (sm89+)
+    # scales (e4m3 forward, e5m2 gradients; gpt2/model/fp8.py): twice the bf16 matmul rate on Ada/Hopper (sm89+)
     fused_fp8 = "fused_fp8"
 
 

@@ -9,7 +9,7 @@ what is left is recorded as skipped, never started and cut off:
     tests   `pytest -m cuda tests/test_cuda.py` (DIR/tests.log, DIR/tests.xml)
     sweep   `python run.py -m +sweep=speedup_full`, every stage at B=16, T=1024; report in DIR/sweep/
     peers   llm.c (built from --llmc DIR) and transformers' GPT2LMHeadModel at B=64, T=1024, 524,288
-            tokens per step, beside the sweep's fastest stage (gpt2/peers.py): DIR/peers.json, DIR/peers/
+            tokens per step, beside the sweep's fastest stage (gpt2/benchmark/peers.py): DIR/peers.json, DIR/peers/
     scan    the fastest stage at other micro-batch sizes (B=16/32/64/128, T=1024, with peak memory): DIR/scan/
     table   DIR/bench.md and DIR/bench.json: what ran, status, ms/step, tok/s, MFU, peak reserved GiB
 
@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .bench_env import environment_facts
-from .errors import UsageError, print_error
-from .peers import check_llmc_dir, run_peers
-from .peers_table import fastest_run, peers_table
-from .time_limit import wait_within
+from gpt2.benchmark.env import environment_facts
+from gpt2.errors import UsageError, print_error
+from gpt2.benchmark.peers import check_llmc_dir, run_peers
+from gpt2.benchmark.peers_table import fastest_run, peers_table
+from gpt2.benchmark.time_limit import wait_within
 
 REPO = Path(__file__).resolve().parents[1]  # run.py, conf/ and tests/ sit beside the package
 SWEEP = "speedup_full"
@@ -229,7 +229,7 @@ def composed_stages(sweep: str = SWEEP) -> List[dict]:
     """The sweep's stages in order, with what each composes to: the settings the bench sizes runs by."""
     from hydra import compose, initialize_config_dir
 
-    from . import job  # noqa: F401  (registers the schema and resolvers)
+    from gpt2.runs import job  # noqa: F401  (registers the schema and resolvers)
 
     names = sweep_stage_names(sweep)
     stages = []
@@ -260,7 +260,7 @@ def _num(v, spec):
 
 
 def bench_table(bench: Bench, facts: dict, sweep_folder: Optional[Path]) -> str:
-    """bench.md; its tables are f-strings for the reason gpt2/peers_table.py gives (a driver process with no
+    """bench.md; its tables are f-strings for the reason gpt2/benchmark/peers_table.py gives (a driver process with no
     other use for pandas)."""
     gpu = facts.get("gpu") or {}
     lines = ["# Benchmark", "",

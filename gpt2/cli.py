@@ -1,7 +1,7 @@
 """The training command, `python run.py ...` or, from any folder, `gpt2-train ...` (pyproject's
 [project.scripts]; the other gpt2-* commands there are each module's own `main`): a run `+stage=flash
 [key=value ...]`, a sweep with -m or +sweep=speedup, data-parallel with torchrun. The config (conf/,
-gpt2/config.py) says what to build; gpt2/train.py builds it and runs the loop."""
+gpt2/config.py) says what to build; gpt2/training/loop.py builds it and runs the loop."""
 
 import os
 import sys
@@ -28,14 +28,14 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def run_training(cfg) -> None:
-    from gpt2 import job
-    from gpt2.train import train
+    from gpt2.runs import job
+    from gpt2.training.loop import train
 
     job.run_job(cfg, train)
 
 
 def exit_code() -> int:
-    job = sys.modules.get("gpt2.job")  # absent when nothing ran (--cfg, a completion query)
+    job = sys.modules.get("gpt2.runs.job")  # absent when nothing ran (--cfg, a completion query)
     return job.exit_code() if job else 0
 
 

@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .architecture import GPT2_VOCAB_SIZE, PRESETS, Attention, Loss  # noqa: F401 (Attention, Loss: the schema's)
-from .errors import UsageError
+from gpt2.architecture import GPT2_VOCAB_SIZE, PRESETS, Attention, Loss  # noqa: F401 (Attention, Loss: the schema's)
+from gpt2.errors import UsageError
 
 
 def option_str(option) -> str:
@@ -219,7 +219,7 @@ class TrainConfig:
     ddp_backend: DDPBackend = DDPBackend.auto
     sample_every: int = 0  # text samples every N steps from the main process (build-nanogpt: 250); 0 = never
     sample_prompt: str = "Hello, I'm a language model,"  # the prompt they continue (4 samples, 32 tokens, top-k 50)
-    hellaswag_every: int = 0  # HellaSwag acc_norm every N steps and at the end (gpt2/hellaswag.py); 0 = never
+    hellaswag_every: int = 0  # HellaSwag acc_norm every N steps and at the end (evaluation/hellaswag.py); 0 = never
     hellaswag_limit: Optional[int] = None  # the first N validation rows; null = all 10,042
     hellaswag_data: Optional[str] = None  # a local hellaswag_val.jsonl; null = download it once into the cache
 
@@ -268,7 +268,7 @@ class Config:
 
     def check(self) -> None:
         """Each section's own checks, in the order a reader meets the keys; what needs a device or the model's
-        sizes is checked in gpt2/checks.py."""
+        sizes is checked in gpt2/training/checks.py."""
         for section in (self.train, self.model, self.data, self.optim):
             section.check()
 
@@ -316,7 +316,7 @@ def check_command_line(args: list) -> None:
 def register_configs() -> None:
     """The schema and the resolvers conf/config.yaml uses. Torch-free (as is gpt2.distributed), so that
     `run.py --help`, `--cfg` and TAB completion compose the config without loading torch."""
-    from .distributed import shared_now
+    from gpt2.distributed import shared_now
 
     ConfigStore.instance().store(name="config_schema", node=Config)
     OmegaConf.register_new_resolver("shared_now", shared_now, use_cache=True, replace=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .errors import UsageError
+from gpt2.errors import UsageError
 
 if TYPE_CHECKING:
     import torch

@@ -6,7 +6,7 @@
     python -m gpt2.evaluate harness --init RUN --tasks hellaswag,arc_easy     # lm-evaluation-harness: RUN/harness.json
 
 hellaswag prints acc and acc_norm and writes them, with n and the settings, to --out as JSON. harness runs
-EleutherAI's lm-evaluation-harness (the `eval` extra) on the run's model (gpt2/harness.py).
+EleutherAI's lm-evaluation-harness (the `eval` extra) on the run's model (gpt2/evaluation/harness.py).
 """
 
 import argparse
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from gpt2 import harness, hellaswag
-from gpt2.devices import pick_device
+from gpt2.evaluation import harness
+from gpt2.evaluation import hellaswag
+from gpt2.training.devices import pick_device
 from gpt2.errors import UsageError, command
-from gpt2.loading import describe, load_model
+from gpt2.runs.loading import describe, load_model
 
 
 def run_hellaswag(init: str, data=None, limit=None, device="auto", dtype="fp32", batch_examples: int = 4,

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .errors import UsageError
+from gpt2.errors import UsageError
 
 log = logging.getLogger("gpt2.files")
 

@@ -31,8 +31,8 @@ import numpy as np
 from gpt2 import tokenizer
 from gpt2.files import atomic_write_bytes, cache_root
 from gpt2.errors import UsageError, command
-from gpt2.shards import read_shard, shard_name, write_shard
-from gpt2.sources import changes, fingerprint, local_files, local_root, open_documents
+from gpt2.data.shards import read_shard, shard_name, write_shard
+from gpt2.data.sources import changes, fingerprint, local_files, local_root, open_documents
 
 log = logging.getLogger("gpt2.prepare")
 

@@ -15,11 +15,11 @@ import sys
 
 import torch
 
-from .devices import pick_device
-from .errors import UsageError, command
-from .generation import EOT, SEED_SPACE, prompt_vocab_size, stream_text
-from .loading import describe, load_model
-from .tokenizer import encode
+from gpt2.training.devices import pick_device
+from gpt2.errors import UsageError, command
+from gpt2.model.generation import EOT, SEED_SPACE, prompt_vocab_size, stream_text
+from gpt2.runs.loading import describe, load_model
+from gpt2.tokenizer import encode
 
 
 def sample(model, prompts, num_samples: int = 5, max_new_tokens: int = 30, top_k=50, temperature: float = 1.0,

@@ -6,17 +6,17 @@
     GET  /                 the page: prompt, sampling controls, Generate, the text as it streams in
     GET  /v1/models        the one model
     POST /v1/completions   OpenAI's completions request and response (stream: server-sent events, then [DONE]);
-                           logprobs, echo, n, seed, stop, usage and finish_reason as OpenAI's: gpt2/serve_response.py
+                           logprobs, echo, n, seed, stop, usage and finish_reason as OpenAI's: gpt2/serving/response.py
     GET  /info             what is loaded: run folder, stage, steps, validation loss
 
 Needs the `serve` extra: pip install -e ".[serve]". It listens on 127.0.0.1; safe to put on a network with an
 API key (--api-key), and these hold for every request:
 - who: the Host header must name this server (DNS rebinding), the key when one is set, JSON bodies only
-  (no simple cross-origin POST from a web page): gpt2/serve_access.py
+  (no simple cross-origin POST from a web page): gpt2/serving/access.py
 - what: the body's size, every field's type and range, the caps on tokens, prompts, completions and stop
-  strings, all checked before generating (400/413 naming the limit): gpt2/serve_request.py
+  strings, all checked before generating (400/413 naming the limit): gpt2/serving/request.py
 - how much: at most --max-concurrent generations at once (429 beyond), each in a worker thread of its own,
-  stopped between two tokens when its client goes away, streamed or not: gpt2/serve_worker.py
+  stopped between two tokens when its client goes away, streamed or not: gpt2/serving/worker.py
 Temperatures below 1e-5 are greedy (as 0). Every error is OpenAI's shape {"error": {"message", "type",
 "param", "code"}}, never a traceback; the server's log keeps those.
 """
@@ -28,15 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-from .devices import pick_device
-from .errors import UsageError, command
-from .generation import prompt_vocab_size
-from .loading import describe, load_model
-from .serve_access import KEY_ENV, AccessGuard, allowed_hosts, exposure_warning
-from .serve_page import page
-from .serve_request import Limits, RequestError, error_body, parse_completion, read_body
-from .serve_response import Reply
-from .serve_worker import Generation, Slots
+from gpt2.training.devices import pick_device
+from gpt2.errors import UsageError, command
+from gpt2.model.generation import prompt_vocab_size
+from gpt2.runs.loading import describe, load_model
+from gpt2.serving.access import KEY_ENV, AccessGuard, allowed_hosts, exposure_warning
+from gpt2.serving.page import page
+from gpt2.serving.request import Limits, RequestError, error_body, parse_completion, read_body
+from gpt2.serving.response import Reply
+from gpt2.serving.worker import Generation, Slots
 
 PUBLIC_INFO = ("source", "kind", "run_folder", "stage", "steps", "val_loss", "params", "block_size")
 
@@ -64,7 +64,7 @@ def create_app(model, info: dict, *, max_tokens_cap: int = 1024, model_name: str
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    from .tokenizer import decode, encode
+    from gpt2.tokenizer import decode, encode
 
     model.eval()
     shown = public_info(info)

@@ -1,11 +1,11 @@
 """summary.json, declared: every key a run writes, its type and what it means. Torch-free, for the report too.
 
-The job (gpt2/job.py) makes the summary when a run starts, the loop (gpt2/train.py, gpt2/run_summary.py) fills
+The job (gpt2/runs/job.py) makes the summary when a run starts, the loop (gpt2/training/loop.py, summary.py) fills
 it in as it learns things, and the job writes it at the end, whatever stopped the run; the report
-(gpt2/report.py), the bench (gpt2/bench.py) and the folder checks (gpt2/folders.py) read it back. A TypedDict,
-not a dataclass: the summary is written to disk at any moment of a run, half filled, and read back as JSON by
-tools that know nothing of Python; a TypedDict states its keys for both sides (and for a type checker) while
-the value stays the plain dict that json reads and writes. tests/test_summary_schema.py holds real runs to it:
+(gpt2/reporting/build.py), the bench (gpt2/bench.py) and the folder checks (gpt2/runs/folders.py) read it back.
+A TypedDict, not a dataclass: the summary is written to disk at any moment of a run, half filled, and read
+back as JSON by tools that know nothing of Python; a TypedDict states its keys for both sides (and for a type checker)
+while the value stays the plain dict that json reads and writes. tests/test_summary_schema.py holds real runs to it:
 a key not declared here, or a value of another type, fails there.
 """
 
@@ -70,7 +70,7 @@ class RunSummary(TypedDict, total=False):
     started_at: str  # ISO 8601, UTC
     finished_at: Optional[str]
     config: dict  # the whole composed config, resolved
-    effective: dict  # the settings read back from torch and the built objects (gpt2/run_summary.py)
+    effective: dict  # the settings read back from torch and the built objects (gpt2/training/summary.py)
 
 
 FIELD_TYPES = RunSummary.__annotations__  # key -> its declared type

@@ -1,5 +1,5 @@
 """The launchers that conf/hydra/launcher/slurm_gpu.yaml and local_cpu.yaml name: Hydra's submitit launchers,
-which also cancel the jobs they submitted on Ctrl-C (gpt2/launchers.py). They live here because Hydra loads
+which also cancel the jobs they submitted on Ctrl-C (gpt2/runs/launchers.py). They live here because Hydra loads
 launchers only from the hydra_plugins package (hydra.core.plugins): it imports this module on every start, so it
 stays light (no torch), and defines nothing without the plugin (pip install -e ".[cluster]")."""
 
@@ -9,7 +9,7 @@ except ImportError:
     plugin = None
 
 if plugin is not None:
-    from gpt2.launchers import CancelOnInterrupt
+    from gpt2.runs.launchers import CancelOnInterrupt
 
     class SlurmLauncher(CancelOnInterrupt, plugin.SlurmLauncher):
         pass

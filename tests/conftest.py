@@ -33,7 +33,7 @@ def _find_shakespeare():
 def _download_shakespeare():
     """The project's own download (checksum, cache) into the cache folder; None when offline."""
     from gpt2.config import DataConfig
-    from gpt2.data import DEFAULT_FILE_NAME, _read_downloaded
+    from gpt2.data.batches import DEFAULT_FILE_NAME, _read_downloaded
     from gpt2.errors import UsageError
 
     cache = Path(os.environ.get("GPT2_SPEEDRUN_CACHE", Path.home() / ".cache" / "gpt2-speedrun")).expanduser()

@@ -20,12 +20,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import gpt2.job  # noqa: F401  registers the schema and the shared_now resolver that compose_with needs
+import gpt2.runs.job  # noqa: F401  registers the schema and the shared_now resolver that compose_with needs
 from gpt2.bench import sweep_stage_names
-from gpt2.checkpoint import CHECKPOINT_NAME
-from gpt2.loading import load_model
-from gpt2.model import GPT, GPTConfig
-from gpt2.train import train
+from gpt2.training.checkpoint import CHECKPOINT_NAME
+from gpt2.runs.loading import load_model
+from gpt2.model.gpt import GPT, GPTConfig
+from gpt2.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -305,3 +305,14 @@ def generate_in_page(driver, prompt_text="ROMEO:"):
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
     assert driver.find_element(By.ID, "completion").text.strip()
     assert driver.find_element(By.ID, "output").text.startswith(prompt_text)
+
+
+def fake_gpu(monkeypatch, capability, name):
+    """The run's device resolved to a CUDA GPU of this compute capability and name (no GPU needed)."""
+    import torch
+
+    import gpt2.training.devices
+
+    monkeypatch.setattr(gpt2.training.devices, "resolve_device", lambda requested, ranks: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)

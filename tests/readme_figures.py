@@ -15,9 +15,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpt2 import report_cells as cells  # noqa: E402
-from gpt2 import report_rules as rules  # noqa: E402
-from gpt2.report import load_runs  # noqa: E402
+from gpt2.reporting import cells  # noqa: E402
+from gpt2.reporting import rules  # noqa: E402
+from gpt2.reporting.build import load_runs  # noqa: E402
 
 EXPERIMENTS = REPO / "experiments"
 CPU_SWEEP, H100_SWEEP, H200_SWEEP = (EXPERIMENTS / p for p in ("cpu-speedup", "h100-speedup/sweep",
@@ -116,7 +116,7 @@ COLUMNS = {  # header -> cell of a report row
 
 
 def stage_table(folder: Path, header: list, columns: dict = None, labels: dict = None, beyond_line=True) -> list:
-    """The rows of a README's stage table rebuilt from a sweep's run folders (gpt2.report.load_runs):
+    """The rows of a README's stage table rebuilt from a sweep's run folders (gpt2.reporting.build.load_runs):
     header[0] is the stage, the others name COLUMNS or are given in `columns` (header -> cell function
     maker); the "*beyond the seed*" line as in report.md where `beyond_line`."""
     df = load_runs(folder)
@@ -253,7 +253,7 @@ def fused_gpu_table(labels: dict = None) -> list:
             for r in _fused_rows(FUSED_H200)]
 
 
-H200_FUSED_LABELS = {"plain": "plain, eager", "fused": "fused (gpt2/fused_loss.py), eager",
+H200_FUSED_LABELS = {"plain": "plain, eager", "fused": "fused (gpt2/model/fused_loss.py), eager",
                      "plain+compile": "plain, compiled", "fused+compile": "fused, compiled (the fused-loss stage)",
                      "liger": "Liger"}
 

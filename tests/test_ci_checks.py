@@ -113,7 +113,8 @@ import warnings
 
 
 def test_a_warning_of_gpt2s_own_code():
-    warnings.warn_explicit("deprecated call", DeprecationWarning, "gpt2/train.py", 1, module="gpt2.train")
+    warnings.warn_explicit("deprecated call", DeprecationWarning, "gpt2/training/loop.py", 1,
+                           module="gpt2.training.loop")
 
 
 def test_a_third_party_warning():

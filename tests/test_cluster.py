@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from gpt2 import report_rules as rules
-from gpt2.checkpoint import CHECKPOINT_NAME
-from gpt2.report import build_report
+from gpt2.reporting import rules
+from gpt2.training.checkpoint import CHECKPOINT_NAME
+from gpt2.reporting.build import build_report
 from helpers import REPO, TINY_CLUSTER, data_args, run_py, summaries
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
@@ -151,7 +151,7 @@ def test_a_job_killed_hard_still_gets_the_sweeps_report(tmp_path, shakespeare_pa
 
 
 def test_a_job_killed_without_a_summary_counts_as_failed(tmp_path):
-    from gpt2 import job
+    from gpt2.runs import job
     sweep = tmp_path / "sweep"
     (sweep / "0_baseline").mkdir(parents=True)
     (sweep / "0_baseline" / "summary.json").write_text(json.dumps({"stage": "baseline", "status": "ok"}))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpt2.checks import check_before_start
+from gpt2.training.checks import check_before_start
 from gpt2.distributed import ranks_from_env
 from gpt2.errors import UsageError
 from helpers import TINY, compose_with, output_of, run_py, run_train
@@ -41,6 +41,7 @@ def test_known_names_pass_and_dashes_read_as_torch_compile_reads_them():
                                      "+train.compile_options.epilogue-fusion=false"]), ranks_from_env())
 
 
+@pytest.mark.slow  # starts run.py in a subprocess
 def test_the_command_refuses_a_bad_option_before_making_the_run_folder(tmp_path):
     run_dir = tmp_path / "run"
     result = run_py("+stage=compile", *TINY, "+train.compile_options.no_such_option=true", f"hydra.run.dir={run_dir}",
@@ -52,6 +53,7 @@ def test_the_command_refuses_a_bad_option_before_making_the_run_folder(tmp_path)
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # compiles the tiny model with Inductor (about 30 s on 2 cores)
 def test_a_compiled_tiny_run_gets_the_options_and_records_them_as_inductor_holds_them(tmp_path, shakespeare_path):
     # a real Inductor compile on the CPU (~20 s on 2 cores): the options reach torch.compile, and the summary reads
     # them back from the compiled module's config rather than copying the request

@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-import gpt2.job
+import gpt2.runs.job
 from gpt2.bench import sweep_stage_names as sweep_stages  # the stages a sweep config runs, in its order
 from helpers import CONF, REPO, STAGES, compose_with
 
@@ -145,12 +145,12 @@ def test_cpu_sweep_runs_every_stage_with_the_gpu_sweeps_micro_steps():
     assert cfg.train.total_batch_size == 524288  # the stage as written
     for stage in STAGES[STAGES.index("grad-accum"):]:
         gpu = compose_with([f"+stage={stage}"]).train
-        cpu = gpt2.job.with_stage_overrides(compose_with(["+sweep=speedup_cpu", f"+stage={stage}"])).train
+        cpu = gpt2.runs.job.with_stage_overrides(compose_with(["+sweep=speedup_cpu", f"+stage={stage}"])).train
         # as many micro-steps per step as on a GPU (32 of B=16, T=1024; big-batch 8 of B=64), CPU-sized
         assert cpu.total_batch_size // (cpu.batch_size * cpu.seq_len) == gpu.total_batch_size // (gpu.batch_size * 1024)
         assert cpu.total_batch_size == 16384 and cpu.device.value == "cpu", stage
     flash = compose_with(["+sweep=speedup_cpu", "+stage=flash"])
-    assert gpt2.job.with_stage_overrides(flash) == flash
+    assert gpt2.runs.job.with_stage_overrides(flash) == flash
 
 
 def test_a_typo_in_a_stage_override_is_a_usage_error():
@@ -158,7 +158,7 @@ def test_a_typo_in_a_stage_override_is_a_usage_error():
 
     cfg = compose_with(["+stage=grad-accum", "+sweep.stage_overrides.grad-accum=['train.total_bath_size=8']"])
     with pytest.raises(UsageError, match="sweep.stage_overrides.grad-accum.*total_bath_size"):
-        gpt2.job.with_stage_overrides(cfg)
+        gpt2.runs.job.with_stage_overrides(cfg)
 
 
 @pytest.mark.slow
@@ -172,8 +172,8 @@ def test_help_lists_the_stages_in_order_and_the_plus():
     order = lines[lines.index("== Stages (+stage=NAME, cumulative, in this order) ==") + 1].split()
     assert order == STAGES  # the help's list follows the full sweep (a new stage must be added there too)
     assert "python run.py +stage=flash" in out and "+sweep=speedup_full" in out and "train.resume" in out
-    # the sizes behind each model preset, as gpt2/model.py builds them (--cfg job shows them as null)
-    from gpt2.model import PRESETS
+    # the sizes behind each model preset, as gpt2/model/gpt.py builds them (--cfg job shows them as null)
+    from gpt2.model.gpt import PRESETS
 
     for name, (n_layer, n_head, n_embd, block_size) in PRESETS.items():
         row = next(line.split() for line in lines if line.split()[:1] == [name])

@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2 import metrics
-from gpt2.devices import enable_sdpa_backends, enabled_sdpa_backends, set_sdpa_backends
-from gpt2.data import load_tokens
-from gpt2.model import GPT, GPTConfig
-from gpt2.optim import build_optimizer, describe_optimizer, lr_at, set_lr
+from gpt2.training import metrics
+from gpt2.training.devices import enable_sdpa_backends, enabled_sdpa_backends, set_sdpa_backends
+from gpt2.data.batches import load_tokens
+from gpt2.model.gpt import GPT, GPTConfig
+from gpt2.training.optim import build_optimizer, describe_optimizer, lr_at, set_lr
 from helpers import compose_with, records, run_train
 
 pytestmark = [
@@ -39,7 +39,7 @@ PRESET = "gpt2"  # GPT-2 124M: 12 layers, 12 heads, width 768, context 1024
 B, T = 16, 1024  # the speed-up study's micro-batch
 ATTN_SHAPE = (16, 12, 1024, 64)  # (B, heads, T, head size) of GPT-2 124M at B=16
 SEED = 1337
-KNOWN_GPUS = ("H100", "H200", "A100")  # datasheet peaks the MFU column must use (gpt2.metrics.DATASHEET_TFLOPS)
+KNOWN_GPUS = ("H100", "H200", "A100")  # datasheet peaks the MFU column must use (metrics.DATASHEET_TFLOPS)
 
 
 # ---- shared set-up ----------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def data_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(shakespeare_path, data_cache):
-    """Tiny Shakespeare as GPT-2 tokens (int64, CPU), through gpt2.data and gpt2.tokenizer."""
+    """Tiny Shakespeare as GPT-2 tokens (int64, CPU), through gpt2.data.batches and gpt2.tokenizer."""
     data_cfg = compose_with([f"data.path={shakespeare_path}", f"data.cache_dir={data_cache}"]).data
     ids = load_tokens(data_cfg)
     assert len(ids) == 338_025  # the documented token count: the right text and tokenizer
@@ -443,8 +443,8 @@ def test_fp8_head_runs_torch_scaled_mm_and_stays_close_to_the_bf16_fused_head(cu
     """The fp8-head stage's kernels (torch._scaled_mm, cuBLASLt) on this GPU: they accept the operand layouts
     FP8LinearCrossEntropy makes, and loss and gradients stay within the CPU suite's tolerances of the bf16
     fused head (tests/test_fp8_head.py: loss 5e-3 relative, gradients 0.1 relative Frobenius norm)."""
-    from gpt2.fp8 import fp8_unsupported_reason
-    from gpt2.fused_loss import fused_linear_cross_entropy
+    from gpt2.model.fp8 import fp8_unsupported_reason
+    from gpt2.model.fused_loss import fused_linear_cross_entropy
 
     reason = fp8_unsupported_reason(cuda)
     if reason:

@@ -13,7 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gpt2 import data, tokenizer
+from gpt2 import tokenizer
+from gpt2.data import batches as data
 from gpt2.config import DataConfig
 from gpt2.errors import UsageError
 from helpers import REPO
@@ -120,7 +121,7 @@ def test_corrupt_cached_text_is_downloaded_again(server, tmp_path, caplog):
     files["/input.txt"] = body
     write(tmp_path / "input.txt", "not the text the checksum names")
     cfg = make_cfg(tmp_path, url=base + "/input.txt", sha256=hashlib.sha256(body).hexdigest())
-    with caplog.at_level(logging.WARNING, logger="gpt2.data"):
+    with caplog.at_level(logging.WARNING, logger="gpt2.data.batches"):
         assert data.load_tokens(cfg).tolist() == tokenizer.encode(TEXT)
     assert (tmp_path / "input.txt").read_bytes() == body
     assert "downloading it again" in caplog.text
@@ -261,7 +262,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, caplog, damage):
     else:
         raw = b""
     path.write_bytes(bytes(raw))
-    with caplog.at_level(logging.WARNING, logger="gpt2.data"):
+    with caplog.at_level(logging.WARNING, logger="gpt2.data.batches"):
         assert np.array_equal(data.load_tokens(cfg), tokens)
     assert "unusable" in caplog.text
     assert path.read_bytes() != bytes(raw)  # rebuilt on disk

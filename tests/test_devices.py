@@ -5,7 +5,7 @@ import weakref
 
 import torch
 
-from gpt2.devices import configure_torch
+from gpt2.training.devices import configure_torch
 from helpers import compose_with
 
 

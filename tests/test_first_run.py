@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2 import distributed, training_run
+from gpt2 import distributed
+from gpt2.training import run_state as training_run
 from gpt2.distributed import Ranks
-from gpt2.model import GPT, GPTConfig
+from gpt2.model.gpt import GPT, GPTConfig
 from helpers import REPO, TINY_DDP, launch, run_py, run_train
 
 
@@ -40,7 +41,7 @@ def test_help_and_completion_do_not_load_torch(args, expected):
     env = dict(os.environ, COMP_LINE="python run.py +stage=", COMP_POINT="21")
     out, modules = imported_modules(*args, env=env)
     assert expected in out
-    assert "torch" not in modules and "gpt2.job" not in modules and "gpt2.train" not in modules
+    assert "torch" not in modules and "gpt2.runs.job" not in modules and "gpt2.training.loop" not in modules
 
 
 # ---- bad settings are refused before the run folder is made -----------------------------------------

@@ -1,8 +1,8 @@
-"""gpt2/fp8.py, FP8LinearCrossEntropy (gpt2/fused_loss.py) and the fp8-head stage: the classifier's three
+"""gpt2/model/fp8.py, FP8LinearCrossEntropy (gpt2/model/fused_loss.py) and the fp8-head stage: the classifier's three
 matmuls in FP8 against the exact fp32 fused head, the GPU kernels' operand rules, 50 training steps against
 the bf16 stage, the stage's config, and the refusal on a device without FP8.
 
-Tolerances (CPU; the FP8 matmuls are emulated exactly there, see gpt2/fp8.py fp8_mm):
+Tolerances (CPU; the FP8 matmuls are emulated exactly there, see gpt2/model/fp8.py fp8_mm):
 - loss to 5e-3 relative: the logits come from e4m3 operands (3 mantissa bits: each entry rounded by up to
   2^-4 = 6 % relative), errors that largely cancel in the log-sum-exp; observed 1e-3 to 2.4e-3.
 - grad_x and grad_W to 0.1 in relative Frobenius norm: their products take the gradient in e5m2 (2 mantissa
@@ -17,13 +17,14 @@ import sys
 import pytest
 import torch
 
-from gpt2 import fp8
-from gpt2.checks import check_config
+from gpt2.model import fp8
+from gpt2.training.checks import check_config
 from gpt2.distributed import ranks_from_env
 from gpt2.errors import UsageError
-from gpt2.fused_loss import fused_linear_cross_entropy
-from gpt2.model import GPT, GPTConfig
+from gpt2.model.fused_loss import fused_linear_cross_entropy
+from gpt2.model.gpt import GPT, GPTConfig
 from helpers import REPO, compose_with, records, run_train
+from helpers import fake_gpu as gpu
 
 
 def inputs(n=50, c=64, vocab=256, seed=0, x_scale=1.0):
@@ -59,7 +60,7 @@ def test_fp8_head_is_close_to_the_exact_fused_head(bf16, x_scale):
 
 
 def test_fp8_matmuls_meet_the_gpu_kernels_rules(monkeypatch):
-    import gpt2.fused_loss
+    import gpt2.model.fused_loss
 
     calls = []
 
@@ -72,7 +73,7 @@ def test_fp8_matmuls_meet_the_gpu_kernels_rules(monkeypatch):
         calls.append((a8.dtype, b8.dtype, fast_accum))
         return fp8.fp8_mm(a8, a_inv, b8, b_inv, out_dtype, fast_accum)
 
-    monkeypatch.setattr(gpt2.fused_loss, "fp8_mm", checked_mm)
+    monkeypatch.setattr(gpt2.model.fused_loss, "fp8_mm", checked_mm)
     loss_and_grads(*inputs(n=50), fp8=True)  # 50 rows, chunks of 7 requested
     assert len(calls) == 3 * 4  # 64 padded rows in chunks of 16: logits, grad_x, grad_W per chunk
     assert calls[:3] == [(fp8.E4M3, fp8.E4M3, True), (fp8.E5M2, fp8.E4M3, False), (fp8.E5M2, fp8.E4M3, False)]
@@ -137,15 +138,6 @@ def test_stage_composes_on_top_of_big_batch():
         assert stage[key] == previous[key], key
     assert {k: v for k, v in stage.model.items() if k != "loss"} == \
         {k: v for k, v in previous.model.items() if k != "loss"}
-
-
-def gpu(monkeypatch, capability, name):
-    """The run's device resolved to a CUDA GPU of this compute capability (no GPU needed)."""
-    import gpt2.devices
-
-    monkeypatch.setattr(gpt2.devices, "resolve_device", lambda requested, ranks: torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
 
 def test_a_gpu_without_fp8_is_refused_in_one_line(monkeypatch):

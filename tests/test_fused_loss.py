@@ -1,4 +1,4 @@
-"""gpt2/fused_loss.py and the fused-loss stage: the fused, chunked classifier + cross-entropy against the
+"""gpt2/model/fused_loss.py and the fused-loss stage: the fused, chunked classifier + cross-entropy against the
 textbook F.cross_entropy(F.linear(x, W).float(), y), alone and inside the tied GPT, eager and compiled.
 
 Tolerances (CPU):
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-import gpt2.job  # noqa: F401  registers the config schema
+import gpt2.runs.job  # noqa: F401  registers the config schema
 from helpers import REPO
-from gpt2.fused_loss import CHUNK_ELEMENTS, chunk_rows_for, fused_linear_cross_entropy
-from gpt2.model import GPT, GPTConfig
+from gpt2.model.fused_loss import CHUNK_ELEMENTS, chunk_rows_for, fused_linear_cross_entropy
+from gpt2.model.gpt import GPT, GPTConfig
 
 N, C = 50, 16  # rows, width
 

@@ -1,4 +1,4 @@
-"""gpt2/generation.py: the KV cache gives the no-cache path's tokens, sampling controls, batches, stop strings,
+"""gpt2/model/generation.py: the KV cache gives the no-cache path's tokens, sampling controls, batches, stop strings,
 and `python -m gpt2.sample`'s options and bad input. CPU, tiny random models, no network."""
 
 import subprocess
@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from gpt2.generation import EOT, KVCache, complete, prompt_vocab_size, sample_next, stream, stream_text
-from gpt2.model import GPT, GPTConfig
+from gpt2.model.generation import EOT, KVCache, complete, prompt_vocab_size, sample_next, stream, stream_text
+from gpt2.model.gpt import GPT, GPTConfig
 
 
 def tiny(attention="flash", vocab_size=128, tokenizer_vocab_size=100, block_size=32, seed=0):
@@ -319,7 +319,7 @@ def test_logprobs_are_the_raw_distribution_and_cost_nothing_when_off(monkeypatch
     pieces = list(stream_text(model, ps, 3, echo=True, logprobs=0, seed=2, encode=encode, decode=decode,
                               stop_ids=()))
     assert pieces[:2] == [(0, decode(ps[0]), None), (1, decode(ps[1]), None)]  # echo: the prompts come first
-    monkeypatch.setattr("gpt2.generation.step_logprobs", lambda *a: pytest.fail("logprobs computed when off"))
+    monkeypatch.setattr("gpt2.model.generation.step_logprobs", lambda *a: pytest.fail("logprobs computed when off"))
     off = complete(model, ps, 6, temperature=0.8, top_k=30, seed=2, encode=encode, decode=decode, stop_ids=())
     assert [r.tokens for r in off] == [r.tokens for r in rows] and off[0].logprobs is None
 

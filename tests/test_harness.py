@@ -1,6 +1,6 @@
 """python -m gpt2.evaluate harness: lm-evaluation-harness on a tiny run's model, offline, on a local task in
 lm-eval's YAML format over HellaSwag-like rows, checked row by row against our own HellaSwag scoring
-(gpt2/hellaswag.py); the JSON it writes beside the run's own figures; one-line errors."""
+(gpt2/evaluation/hellaswag.py); the JSON it writes beside the run's own figures; one-line errors."""
 
 import json
 import sys
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gpt2 import evaluate as evaluate_cmd
-from gpt2 import harness, hellaswag
+from gpt2.evaluation import harness
+from gpt2.evaluation import hellaswag
 from helpers import tiny_run
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra is not installed: pip install -e '.[eval]'")

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from gpt2 import evaluate as evaluate_cmd
-from gpt2 import hellaswag
-from gpt2.checkpoint import save_checkpoint
+from gpt2.evaluation import hellaswag
+from gpt2.training.checkpoint import save_checkpoint
 from gpt2.errors import UsageError
-from gpt2.model import GPT, GPTConfig
+from gpt2.model.gpt import GPT, GPTConfig
 
 ROWS = [
     {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",

@@ -13,8 +13,9 @@ import torch
 import yaml
 
 from gpt2 import hf_export
-from gpt2.generation import generate_ids
-from gpt2.loading import load_model
+from gpt2.runs import hf_folder
+from gpt2.model.generation import generate_ids
+from gpt2.runs.loading import load_model
 from gpt2.tokenizer import EOT, get_tokenizer
 from helpers import data_args, run_py, tiny_with
 
@@ -40,7 +41,7 @@ def trained_run(tmp_path_factory, shakespeare_path):
 
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
-    return hf_export.export(trained_run, tmp_path_factory.mktemp("exported") / "gpt2-tiny")
+    return hf_folder.export(trained_run, tmp_path_factory.mktemp("exported") / "gpt2-tiny")
 
 
 def last_line(err: str) -> str:
@@ -155,7 +156,7 @@ def test_the_card_has_the_runs_figures(exported, trained_run):
 def test_a_bare_model_file_says_its_figures_are_not_recorded(trained_run, tmp_path):
     bare = tmp_path / "weights.pt"
     shutil.copy(trained_run / "checkpoint.pt", bare)
-    card = (hf_export.export(bare, tmp_path / "out") / "README.md").read_text()
+    card = (hf_folder.export(bare, tmp_path / "out") / "README.md").read_text()
     assert "bare model file" in card and "| Final validation loss | not recorded |" in card
     assert "| Command | not recorded |" in card and front_matter(card)["pipeline_tag"] == "text-generation"
 
@@ -179,7 +180,7 @@ def test_an_interrupted_export_leaves_no_half_folder(trained_run, tmp_path, monk
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf_export, "save_tokenizer", interrupted)  # after the weights are written
+    monkeypatch.setattr(hf_folder, "save_tokenizer", interrupted)  # after the weights are written
     assert hf_export.main(["--init", str(trained_run), "--out", str(tmp_path / "new")]) == 130
     assert last_line(capsys.readouterr().err).startswith("interrupted:")
     old = tmp_path / "old"

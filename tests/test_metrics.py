@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gpt2 import metrics
+from gpt2.training import metrics
 
 # torch.cuda.get_device_name() strings as drivers report them -> the datasheet row they must find
 DEVICE_NAMES = [

@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from gpt2 import metrics
-from gpt2.model import GPT, GPTConfig
+from gpt2.training import metrics
+from gpt2.model.gpt import GPT, GPTConfig
 from helpers import run_train
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""gpt2/model.py: initialisation, attention paths, presets, Hugging Face weights, sampling, the loss, training.
+"""gpt2/model/gpt.py: initialisation, attention paths, presets, Hugging Face weights, sampling, the loss, training.
 
 All on CPU with tiny models; Hugging Face checkpoints are small random GPT2LMHeadModels in a tmp folder.
 """
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2.model import GPT, GPTConfig, PRESETS
+from gpt2.model.gpt import GPT, GPTConfig, PRESETS
 
 
 def tiny_config(**overrides):

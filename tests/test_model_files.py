@@ -21,14 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from gpt2 import checkpoint, train
+from gpt2.training import checkpoint
+from gpt2.training import loop as train
 from gpt2 import evaluate as evaluate_cmd
 from gpt2 import sample as sample_cmd
-from gpt2.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from gpt2.training.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from gpt2.errors import UsageError
-from gpt2.model import GPT, GPTConfig
-from gpt2.model_files import ModelFileError
-from gpt2.optim import build_optimizer
+from gpt2.model.gpt import GPT, GPTConfig
+from gpt2.model.files import ModelFileError
+from gpt2.training.optim import build_optimizer
 from helpers import REPO, SHAPE_KEYS, compose_with
 
 LARGE = dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257)  # gpt2-large: 3.1 GB in fp32

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2 import peers, peers_hf, peers_llmc, peers_table
+from gpt2.benchmark import peers
+from gpt2.benchmark import peers_hf
+from gpt2.benchmark import peers_llmc
+from gpt2.benchmark import peers_table
 from gpt2.errors import UsageError
 from helpers import make_fake_llmc
 
@@ -231,7 +234,7 @@ def test_transformers_peer_on_a_tiny_config():
 def test_transformers_loss_scores_the_same_next_tokens_as_ours():
     import torch
 
-    from gpt2.data import TokenLoader
+    from gpt2.data.batches import TokenLoader
 
     model = peers_hf.build_model(tiny=True, device=torch.device("cpu"))
     x, y = TokenLoader((np.arange(100) * 31 % 50257).astype(np.uint16), 2, 8).next_batch()

@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 
-from gpt2.checkpoint import CHECKPOINT_NAME, forget_steps_from
+from gpt2.training.checkpoint import CHECKPOINT_NAME, forget_steps_from
 from helpers import REPO, TINY_DDP, digest, launch, output_of, records, run_py, strict_json
 
 # cosine schedule after a 2-step warm-up, AdamW moments, clipping: a restart at the wrong step would show
@@ -24,7 +24,7 @@ STEP_KEYS = ("step", "loss", "lr", "grad_norm")
 STOP_AT_STEP = f"""
 import os, runpy, signal, sys
 sys.path.insert(0, {str(REPO)!r})
-from gpt2 import train
+from gpt2.training import loop as train
 
 at, signum, rank = int(os.environ["STOP_AT_STEP"]), int(os.environ["STOP_SIGNAL"]), os.environ["STOP_RANK"]
 original = train.train_step

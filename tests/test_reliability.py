@@ -18,12 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from gpt2 import checkpoint, metrics, train as train_module
-from gpt2.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from gpt2.training import checkpoint
+from gpt2.training import metrics
+from gpt2.training import loop as train_module
+from gpt2.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from gpt2.errors import UsageError
-from gpt2.model import GPT, GPTConfig
-from gpt2.optim import build_optimizer
-from helpers import (REPO, SHAPE_KEYS, TINY, compose_with, digest, output_of, records, run_py, run_train,
+from gpt2.model.gpt import GPT, GPTConfig
+from gpt2.training.optim import build_optimizer
+from helpers import (CONF, REPO, SHAPE_KEYS, TINY, compose_with, digest, output_of, records, run_py, run_train,
                      strict_json)
 
 SMALL = ["train.batch_size=2", "train.seq_len=32"]
@@ -384,7 +386,7 @@ def test_a_full_disk_while_saving_is_said_plainly_and_keeps_the_previous_checkpo
 
 
 def test_a_run_log_that_cannot_be_written_says_so_once(tmp_path, capsys):
-    from gpt2.job import RunLogHandler
+    from gpt2.runs.job import RunLogHandler
 
     handler = RunLogHandler(tmp_path / "run.log")
     handler.stream.close()
@@ -432,7 +434,7 @@ def test_validation_loss_in_metrics_summary_and_report(finished_run):
     assert all(math.isfinite(v["val_loss"]) for v in vals)
     summary = strict_json(run_dir / "summary.json")
     assert summary["val_loss"] == vals[-1]["val_loss"]
-    from gpt2.report import build_report
+    from gpt2.reporting.build import build_report
 
     paths = build_report([run_dir], out_dir=tmp / "report")
     md = paths["md"].read_text()
@@ -482,7 +484,7 @@ def test_two_runs_started_into_one_folder_at_once(tmp_path, data_args):
     # writes nothing; the lock dies with its process, so a killed run never blocks the folder for good
     import fcntl
 
-    from gpt2.folders import LOCK_NAME
+    from gpt2.runs.folders import LOCK_NAME
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -559,7 +561,7 @@ def test_a_corrupt_token_cache_is_rebuilt_during_a_run(tmp_path, shakespeare_pat
     (cache,) = (tmp_path / "cache").glob("tokens-*.bin")
     good = cache.read_bytes()
     cache.write_bytes(good[: len(good) // 2])  # truncated, as by a full disk or a copy cut short
-    with caplog.at_level(logging.WARNING, logger="gpt2.data"):
+    with caplog.at_level(logging.WARNING, logger="gpt2.data.batches"):
         summary, _ = run_train(tmp_path, shakespeare_path, *args, name="second")
     assert summary["status"] == "ok" and "unusable" in caplog.text
     assert cache.read_bytes() == good
@@ -681,7 +683,8 @@ def test_bad_input_is_one_clear_line(case, refusals):
         assert not run_dir.exists()
     else:
         assert result.returncode == 1
-        assert len(out.strip().splitlines()) <= 20  # Hydra's own message, not a stack trace
+        # Hydra's own message, not a stack trace: a few lines, and one per option it lists for a missing stage
+        assert "Traceback" not in out and len(out.strip().splitlines()) <= 12 + len(list((CONF / "stage").iterdir()))
         assert not run_dir.exists()  # refused while composing: no folder, nothing written
     assert {p: digest(p) for p in files.iterdir()} == digests  # no input file was touched
     assert not (files.parent / "pwned").exists()  # the checkpoint's pickled code never ran

@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gpt2.report import CSV_COLUMNS, EVAL_COLUMNS, build_report, load_runs, main
-from gpt2.report_chart import colors, figure
-from gpt2.report_rules import PUBLISHED
+from gpt2.report import main
+from gpt2.reporting.build import CSV_COLUMNS, EVAL_COLUMNS, build_report, load_runs
+from gpt2.reporting.chart import colors, figure
+from gpt2.reporting.rules import PUBLISHED
 from helpers import REPO
 
 COMMAND = "python run.py -m +stage=baseline,tf32,bf16,flash"
@@ -390,7 +391,7 @@ def test_chart_with_many_runs_has_distinct_colours_and_plots_tokens_seen(tmp_pat
 
 
 def hellaswag(step, acc_norm):
-    """A HellaSwag row as gpt2/hellaswag.py's evaluate_in_run writes it."""
+    """A HellaSwag row as gpt2/evaluation/hellaswag.py's evaluate_in_run writes it."""
     return {"step": step, "hellaswag_acc_norm": acc_norm, "hellaswag_acc": acc_norm - 0.01, "hellaswag_n": 100}
 
 
@@ -483,7 +484,7 @@ def test_report_with_evaluations_is_deterministic(evaluated):
 
 def test_a_line_marks_where_the_stages_beyond_the_seed_begin(tmp_path):
     from gpt2.bench import sweep_stage_names
-    from gpt2.report_rules import BEYOND_THE_SEED, SEED_STAGES
+    from gpt2.reporting.rules import BEYOND_THE_SEED, SEED_STAGES
 
     assert list(SEED_STAGES) == sweep_stage_names("speedup")  # the report's list is the seed's sweep
     folder = tmp_path / "sweep"
@@ -545,7 +546,7 @@ def test_one_unreadable_summary_is_marked_and_every_other_row_reported(sweep, ca
 
 
 def test_a_diverged_run_keeps_its_nan_loss_and_the_report_its_row(tmp_path):
-    """gpt2/job.py writes a non-finite loss as the string "nan" (JSON has no NaN): that is a readable run."""
+    """gpt2/runs/job.py writes a non-finite loss as the string "nan" (JSON has no NaN): that is a readable run."""
     folder = tmp_path / "sweep"
     make_run(folder, "0_baseline", "baseline", 100.0)
     make_run(folder, "1_tf32", "tf32", 90.0, status="diverged", final_loss="nan", val_loss="inf")

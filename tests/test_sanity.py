@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from gpt2.model import GPT, GPTConfig
+from gpt2.model.gpt import GPT, GPTConfig
 from gpt2.tokenizer import encode
 from helpers import REPO
 

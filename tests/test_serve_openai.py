@@ -14,9 +14,9 @@ pytest.importorskip("uvicorn", reason=SERVE_EXTRA)
 openai = pytest.importorskip("openai", reason="the openai client is not installed (serve extra)")
 httpx = pytest.importorskip("httpx")
 
-from gpt2.generation import EOT  # noqa: E402
+from gpt2.model.generation import EOT  # noqa: E402
 from gpt2.serve import create_app  # noqa: E402
-from gpt2.serve_response import token_text  # noqa: E402
+from gpt2.serving.response import token_text  # noqa: E402
 from gpt2.tokenizer import decode, encode, get_tokenizer  # noqa: E402
 
 VOCAB = 50257  # the tokenizer's ids; the model's table is padded to 50304

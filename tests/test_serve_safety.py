@@ -16,8 +16,8 @@ pytest.importorskip("uvicorn", reason=SERVE_EXTRA)
 httpx = pytest.importorskip("httpx")
 
 from gpt2.serve import create_app, parse_args  # noqa: E402
-from gpt2.serve_access import KEY_ENV, allowed_hosts, exposure_warning  # noqa: E402
-from gpt2.serve_page import page  # noqa: E402
+from gpt2.serving.access import KEY_ENV, allowed_hosts, exposure_warning  # noqa: E402
+from gpt2.serving.page import page  # noqa: E402
 
 KEY = "sk-test-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.checkpoint import CHECKPOINT_NAME
+from gpt2.training.checkpoint import CHECKPOINT_NAME
 from gpt2.errors import UsageError
-from gpt2.data import build_data
-from gpt2.shards import ShardLoader, find_shards, shard_name, write_shard
-from gpt2.train import train
+from gpt2.data.batches import build_data
+from gpt2.data.shards import ShardLoader, find_shards, shard_name, write_shard
+from gpt2.training.loop import train
 from helpers import TINY_SHARDS, compose_with, records
 
 SIZES = [37, 50, 41]  # three shards, none a multiple of B*T: batches straddle every boundary

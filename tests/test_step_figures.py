@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-import gpt2.train as train_module
-from gpt2.model import GPT, GPTConfig
+import gpt2.training.loop as train_module
+from gpt2.model.gpt import GPT, GPTConfig
 from helpers import records, run_train, saved_weights
 
 

@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from gpt2 import report
+from gpt2.reporting import build as report
 from gpt2.summary_schema import FIELD_TYPES, number_type
 from helpers import TINY_SCHEMA, data_args, run_py
 

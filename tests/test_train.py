@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from gpt2.model import GPT, GPTConfig
-from gpt2.optim import build_optimizer, lr_at
+from gpt2.model.gpt import GPT, GPTConfig
+from gpt2.training.optim import build_optimizer, lr_at
 from helpers import compose_with, run_train, saved_weights
 
 
@@ -158,7 +158,7 @@ def test_validation_does_not_recompile_the_compiled_model(tmp_path, shakespeare_
 
 
 def test_sdpa_backend_switches_are_set_whole_for_every_job():
-    from gpt2.devices import enable_sdpa_backends, enabled_sdpa_backends, set_sdpa_backends
+    from gpt2.training.devices import enable_sdpa_backends, enabled_sdpa_backends, set_sdpa_backends
 
     before = enabled_sdpa_backends()
     try:
@@ -175,7 +175,7 @@ def test_sdpa_backend_switches_are_set_whole_for_every_job():
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_compile_without_a_compiler_is_one_line(monkeypatch, device):
     from gpt2.errors import UsageError
-    from gpt2.devices import check_compiler
+    from gpt2.training.devices import check_compiler
 
     monkeypatch.setattr("shutil.which", lambda name: None)
     monkeypatch.delenv("CC", raising=False)
@@ -186,10 +186,10 @@ def test_compile_without_a_compiler_is_one_line(monkeypatch, device):
 
 
 def test_a_long_run_says_how_long_after_its_first_step(tmp_path, shakespeare_path, monkeypatch, caplog):
-    import gpt2.run_summary
+    import gpt2.training.summary
 
     caplog.set_level(logging.INFO, logger="gpt2")
-    monkeypatch.setattr(gpt2.run_summary, "LONG_RUN_S", 0.0)  # every run counts as long here
+    monkeypatch.setattr(gpt2.training.summary, "LONG_RUN_S", 0.0)  # every run counts as long here
     monkeypatch.setattr(GPT, "num_params", lambda self, non_embedding=True: 124_000_000)  # as GPT-2 124M
     s, _ = run_train(tmp_path, shakespeare_path, "train.steps=3", "train.batch_size=2", "train.seq_len=32")
     assert s["status"] == "ok"

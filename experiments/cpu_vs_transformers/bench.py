@@ -5,8 +5,8 @@ precision "highest", dropout off, vocab 50257 (unpadded: the point of the compar
 F.scaled_dot_product_attention everywhere (ours: attention="flash"; transformers: attn_implementation="sdpa").
 
 Contenders, all holding the same weights (ours written with GPT.save_hf, read back by transformers):
-  ours        gpt2/model.py's GPT with the textbook loss (model.loss=plain: logits, then cross-entropy)
-  ours-fused  the same with model.loss=fused (gpt2/fused_loss.py: the classifier and loss in chunks)
+  ours        gpt2/model/gpt.py's GPT with the textbook loss (model.loss=plain: logits, then cross-entropy)
+  ours-fused  the same with model.loss=fused (gpt2/model/fused_loss.py: the classifier and loss in chunks)
   before   (with --before FILE) the GPT of another model.py, e.g. an older version, timed in the same rounds
   hf       GPT2LMHeadModel as loaded from that folder (GPT-2's own config: activation gelu_new, use_cache on)
   hf-fast  the same with transformers' fastest equivalent settings: activation gelu_pytorch_tanh (one fused
@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_record  # noqa: E402
-import gpt2.model  # noqa: E402
+import gpt2.model.gpt  # noqa: E402
 
 VOCAB = 50257
 BLOCK_SIZE = 1024
@@ -54,8 +54,8 @@ DEFAULT_SIZES = ["gpt2:4:128", "6x6x384:8:128", "4x4x256:8:256"]
 
 def parse_size(text):
     model, b, t = text.split(":")
-    if model in gpt2.model.PRESETS:
-        n_layer, n_head, n_embd, _ = gpt2.model.PRESETS[model]
+    if model in gpt2.model.gpt.PRESETS:
+        n_layer, n_head, n_embd, _ = gpt2.model.gpt.PRESETS[model]
     else:
         n_layer, n_head, n_embd = (int(v) for v in model.split("x"))
     return model, dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd), int(b), int(t)
@@ -116,7 +116,7 @@ def build(dims, seed, before=None):
         return module.GPT(module.GPTConfig(block_size=BLOCK_SIZE, vocab_size=VOCAB, attention="flash", **dims,
                                            **loss))
 
-    models = {"ours": ours_from(gpt2.model), "ours-fused": ours_from(gpt2.model, loss="fused")}
+    models = {"ours": ours_from(gpt2.model.gpt), "ours-fused": ours_from(gpt2.model.gpt, loss="fused")}
     if before is not None:
         models["before"] = ours_from(before)
         models["before"].load_state_dict(models["ours"].state_dict())
@@ -227,7 +227,7 @@ def main():
                         help="reject a round when other processes used more than this share of the CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--before", help="also time the GPT of this model.py (e.g. an older version of "
-                        "gpt2/model.py) in the same rounds, as contender 'before'")
+                        "gpt2/model/gpt.py) in the same rounds, as contender 'before'")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"),
                         help="where to write results.json (default: beside this script)")
     args = parser.parse_args()
@@ -241,7 +241,7 @@ def main():
     before = load_model_file(args.before) if args.before else None
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
     print(f"cpu: {bench_record.cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
-    print("ours: gpt2/model.py" + (f"; before: {args.before}" if args.before else ""))
+    print("ours: gpt2/model/gpt.py" + (f"; before: {args.before}" if args.before else ""))
     print(f"{args.steps} timed rounds (+{args.warmup} warm-up) per size, rotating order; fp32; vocab {VOCAB}; "
           f"rounds with other load > {args.max_other:.0%} rejected")
     print("ms: median (min-max) over clean rounds; ratios: of medians (median of per-round ratios)")

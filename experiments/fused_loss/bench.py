@@ -7,7 +7,7 @@ the stages that use it, each variant computes the mean loss and the gradients of
 
   plain          F.cross_entropy(F.linear(x, W).float(), y): the stages before fused-loss
   plain+compile  the same function through torch.compile (what the compile stage runs)
-  fused          gpt2.fused_loss.fused_linear_cross_entropy (the fused-loss stage), eager
+  fused          gpt2.model.fused_loss.fused_linear_cross_entropy (the fused-loss stage), eager
   fused+compile  the same through torch.compile
   liger          Liger-Kernel's LigerFusedLinearCrossEntropyLoss (Triton), when it is installed
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from gpt2.fused_loss import fused_linear_cross_entropy  # noqa: E402
+from gpt2.model.fused_loss import fused_linear_cross_entropy  # noqa: E402
 
 
 def plain(x, w, y):

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_record  # noqa: E402
-from gpt2.model import GPT, GPTConfig  # noqa: E402
+from gpt2.model.gpt import GPT, GPTConfig  # noqa: E402
 
 
 def timed(fn):

@@ -2,7 +2,7 @@
 
     python experiments/profile/step_profile.py --out DIR [--steps 1] +stage=cudnn-attention [key=value ...]
 
-Composes the config exactly as `python run.py +stage=...` would, builds the run with gpt2.train.set_up, runs
+Composes the config exactly as `python run.py +stage=...` would, builds the run with gpt2.training.loop.set_up, runs
 two steps to warm up (compilation, autotuning, the allocator), then profiles `--steps` steps. The CUDA
 kernels are grouped by what they do (matmuls, attention, the compiled elementwise/fused kernels, optimizer,
 copies) and the table says each group's share of the kernel time and of the step's wall time; the gap
@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import gpt2.job  # noqa: E402,F401  registers the schema and the resolvers
-from gpt2 import metrics  # noqa: E402
-from gpt2.train import set_up, train_step  # noqa: E402
+import gpt2.runs.job  # noqa: E402,F401  registers the schema and the resolvers
+from gpt2.training import metrics  # noqa: E402
+from gpt2.training.loop import set_up, train_step  # noqa: E402
 
 # first match wins: attention before matmul (cuDNN's attention kernels carry "gemm"-like names)
 KINDS = [

@@ -6,8 +6,10 @@ Phases in priority order, each under its own time limit inside the budget; a pha
 what is left is recorded as skipped, never started and cut off:
 
     env     DIR/env.json: GPU, memory, driver, torch, CUDA, cuDNN, Triton, compilers, measured matmul rate
-    tests   `pytest -m cuda tests/test_cuda.py` (DIR/tests.log, DIR/tests.xml)
+    tests   `pytest -m cuda tests` (tests/test_cuda.py, the flash4 kernel; DIR/tests.log, DIR/tests.xml)
     sweep   `python run.py -m +sweep=speedup_full`, every stage at B=16, T=1024; report in DIR/sweep/
+    candidates  the stages beyond the sweep (fp8-head, flash4) and Inductor options, each beside the stage
+            it builds on (gpt2/benchmark/candidates.py): DIR/candidates.json, DIR/candidates/
     peers   llm.c (built from --llmc DIR) and transformers' GPT2LMHeadModel at B=64, T=1024, 524,288
             tokens per step, beside the sweep's fastest stage (gpt2/benchmark/peers.py): DIR/peers.json, DIR/peers/
     scan    the fastest stage at other micro-batch sizes (B=16/32/64/128, T=1024, with peak memory): DIR/scan/
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from gpt2.benchmark.candidates import candidates_markdown, run_candidates
 from gpt2.benchmark.env import environment_facts
 from gpt2.errors import UsageError, print_error
 from gpt2.benchmark.peers import check_llmc_dir, run_peers
@@ -77,7 +80,9 @@ class Bench:
         table = bench_table(self, self.facts, self.sweep_folder)
         (self.out / "bench.md").write_text(table)
         (self.out / "bench.json").write_text(json.dumps({"phases": self.phases, "sweep": read_runs(self.sweep_folder),
-                                                         "scan": read_runs(self.out / "scan")}, indent=2) + "\n")
+                                                         "scan": read_runs(self.out / "scan"),
+                                                         "candidates": read_runs(self.out / "candidates")},
+                                                        indent=2) + "\n")
         return table
 
     def fits(self, phase: str, needs_s: float) -> bool:
@@ -125,15 +130,15 @@ class Bench:
         return facts
 
     def tests(self) -> None:
-        test_file = REPO / "tests" / "test_cuda.py"
-        if not test_file.is_file():
-            self.record("tests", "skipped", 0, f"{test_file} not found (run from a clone of the repository)")
+        tests = REPO / "tests"
+        if not (tests / "test_cuda.py").is_file():
+            self.record("tests", "skipped", 0, f"{tests} not found (run from a clone of the repository)")
             return
         limit = 40 if self.smoke else 150
         if not self.fits("tests", min(limit, 60)):
             return
         cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-ra", "-p", "no:cacheprovider",
-               f"--junitxml={self.out / 'tests.xml'}", str(test_file)]
+               f"--junitxml={self.out / 'tests.xml'}", str(tests)]
         code, seconds = self.run("tests", cmd, "tests.log", min(limit, self.left() - TABLE_RESERVE_S - GRACE_S))
         last = [ln for ln in (self.out / "tests.log").read_text().splitlines() if re.search(r"\d+ (passed|failed|"
                                                                                             r"skipped|error)", ln)]
@@ -294,6 +299,7 @@ def bench_table(bench: Bench, facts: dict, sweep_folder: Optional[Path]) -> str:
                 f"{_num(r.get('peak_mem_reserved_gib'), '{:.1f}')} |")
         errors = [f"- {r.get('stage')}: {r['error']}" for r in runs if r.get("status") != "ok" and r.get("error")]
         lines += ["", *errors] if errors else []
+    lines += candidates_markdown(bench.out, read_runs(sweep_folder))
     lines += peers_table(bench.out)
     return "\n".join(lines) + "\n"
 
@@ -329,6 +335,7 @@ def main(argv=None) -> int:
         stages = composed_stages(args.sweep)
         bench.tests()
         sweep_folder = bench.sweep(stages)
+        run_candidates(bench, stages, REPO, GRACE_S, TABLE_RESERVE_S)
         run_peers(bench, llmc, fastest_run(read_runs(sweep_folder)))
         bench.scan(stages, sweep_folder)
     except KeyboardInterrupt:

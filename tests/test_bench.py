@@ -28,7 +28,7 @@ def test_smoke_runs_every_phase(smoke):
     result, out = smoke
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     phases = {p["phase"]: p for p in json.loads((out / "bench.json").read_text())["phases"]}
-    assert [p for p in phases] == ["env", "tests", "sweep", "peers", "scan"]
+    assert [p for p in phases] == ["env", "tests", "sweep", "candidates", "peers", "scan"]
     assert all(p["status"] == "ok" for p in phases.values()), phases
     assert "skipped" in phases["tests"]["detail"]  # no CUDA here: the cuda suite skips, with its reasons in tests.log
     assert "no CUDA" in (out / "tests.log").read_text()
@@ -66,6 +66,25 @@ def test_smoke_peers_phase(smoke):
     assert peers["ours"]["tokens_per_sec"] == max(r["tokens_per_sec"] for r in json.loads(
         (out / "bench.json").read_text())["sweep"] if r["status"] == "ok")
     assert "## Peers, same card, same call" in (out / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_candidates_phase(smoke):
+    """The stages beyond the sweep run beside big-batch: fp8-head (FP8 emulated on the CPU) ends ok, flash4 is
+    refused with its one-line reason, the Inductor option waits for a compiled run; bench.md shows them."""
+    _, out = smoke
+    rows = {r["name"]: r for r in json.loads((out / "candidates.json").read_text())}
+    assert list(rows) == ["flash4", "fp8-head", "big-batch_cdt"]
+    assert rows["fp8-head"]["status"] == "ok" and rows["fp8-head"]["tokens_per_sec"] > 0
+    assert rows["flash4"]["status"] == "refused" and "NVIDIA GPUs only" in rows["flash4"]["detail"]
+    assert rows["big-batch_cdt"] == {"name": "big-batch_cdt", "builds_on": "big-batch", "status": "skipped",
+                                     "detail": "--smoke runs without torch.compile"}
+    ran = json.loads((out / "bench.json").read_text())["candidates"]
+    assert [(r["stage"], r["effective"]["loss"]) for r in ran] == [("fp8-head", "fused_fp8")]
+    md = (out / "bench.md").read_text()
+    fp8_row = next(ln for ln in md.splitlines() if ln.startswith("| fp8-head | big-batch | ok |"))
+    big = next(r for r in json.loads((out / "bench.json").read_text())["sweep"] if r["stage"] == "big-batch")
+    assert fp8_row.split(" | ")[5] == f"{rows['fp8-head']['tokens_per_sec'] / big['tokens_per_sec']:.3f}x"
 
 
 @pytest.mark.slow
@@ -141,3 +160,28 @@ def test_smoke_runs_use_one_cpu_thread_unless_told(tmp_path, monkeypatch, smoke_
     code, _ = bench_.run("env", [sys.executable, "-c", "import os; print(os.environ.get('OMP_NUM_THREADS', 'unset'))"],
                          "threads.log", limit_s=60)
     assert code == 0 and (tmp_path / "threads.log").read_text().strip() == threads
+
+
+def test_candidates_are_the_stage_files_beyond_the_sweep_then_the_options(tmp_path):
+    from gpt2.benchmark.candidates import candidate_runs
+
+    conf = tmp_path / "conf"
+    (conf / "stage").mkdir(parents=True)
+    for name, parent in (("baseline", None), ("big-batch", "baseline"), ("mine", "big-batch")):
+        (conf / "stage" / f"{name}.yaml").write_text("# @package _global_\n" + (
+            f"defaults:\n  - {parent}\n  - _self_\n" if parent else ""))
+    runs = candidate_runs(conf, ["baseline", "big-batch"])
+    assert runs == [{"name": "mine", "builds_on": "big-batch", "stage": "mine", "overrides": []},
+                    {"name": "big-batch_cdt", "builds_on": "big-batch", "stage": "big-batch",
+                     "overrides": ["+train.compile_options.coordinate_descent_tuning=true"]}]
+    assert [r["name"] for r in candidate_runs(conf, ["baseline"])] == ["big-batch", "mine"]  # no big-batch: no option
+
+
+def test_a_refused_candidate_reads_its_one_line(tmp_path):
+    from gpt2.benchmark.candidates import refusal
+
+    log = tmp_path / "x.log"
+    log.write_text("[bench] ...\nerror: model.attention=flash4 (stage flash4) needs FlashAttention-4, but x\n")
+    assert refusal(log) == "model.attention=flash4 (stage flash4) needs FlashAttention-4, but x"
+    log.write_text("Traceback ...\n")
+    assert refusal(log) == "refused before the start (see the log)"

@@ -1,0 +1,100 @@
+"""The bench's `candidates` phase: what might beat the sweep's last stage, each run once beside the stage it
+builds on, on the same card in the same call.
+
+    stages   every conf/stage/*.yaml the sweep does not run (fp8-head, flash4, a user's own), as it is
+    options  the Inductor options worth a key (OPTIONS), on the stage they are meant for
+
+A run the check before the start refuses (flash4 without its package, fp8-head on a GPU before sm89) is a row
+`refused` with the one-line reason, not a failure: it says what this card cannot run. The rows give tok/s
+against the sweep's row of the stage they build on; a candidate joins the sweep when it pays there.
+"""
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+# (name, the stage it runs on, its overrides): Inductor options measured as keys, not stages (README, compile)
+OPTIONS = [("big-batch_cdt", "big-batch", ["+train.compile_options.coordinate_descent_tuning=true"])]
+
+
+def builds_on(conf: Path, stage: str) -> Optional[str]:
+    """The stage a stage file builds on: the first entry of its defaults list (None for the baseline)."""
+    match = re.search(r"^defaults:\s*\n\s*-\s*(\S+)", (conf / "stage" / f"{stage}.yaml").read_text(), re.M)
+    return match.group(1) if match else None
+
+
+def candidate_runs(conf: Path, swept: List[str]) -> List[dict]:
+    """The stages beyond the sweep, then OPTIONS: name, the stage its figures are compared with, overrides."""
+    beyond = sorted(p.stem for p in (conf / "stage").glob("*.yaml") if p.stem not in swept)
+    runs = [{"name": s, "builds_on": builds_on(conf, s), "stage": s, "overrides": []} for s in beyond]
+    runs += [{"name": n, "builds_on": s, "stage": s, "overrides": list(o)} for n, s, o in OPTIONS if s in swept]
+    return runs
+
+
+def refusal(log: Path) -> str:
+    """The one line a refused run printed (`error: ...`), without the prefix."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error: ")]
+    return lines[-1].removeprefix("error: ") if lines else "refused before the start (see the log)"
+
+
+def run_candidates(bench, stages: List[dict], repo: Path, grace_s: float, table_reserve_s: float) -> None:
+    """The phase: each candidate as one run into DIR/candidates/<i>_<name>/, under what the budget leaves."""
+    by_name = {s["name"]: s for s in stages}
+    folder = bench.out / "candidates"
+    folder.mkdir(exist_ok=True)
+    t0, rows = time.monotonic(), []
+    for i, run in enumerate(candidate_runs(repo / "conf", list(by_name))):
+        row = {"name": run["name"], "builds_on": run["builds_on"], "status": "skipped", "detail": ""}
+        rows.append(row)
+        if run["overrides"] and bench.smoke:  # the options are torch.compile's, and --smoke runs without it
+            row["detail"] = "--smoke runs without torch.compile"
+            continue
+        sized_by = by_name.get(run["builds_on"], {"compile": True, "total_batch_size": None})
+        needs = 20 if bench.smoke else (90 if sized_by["compile"] else 40)
+        if not bench.fits(f"candidate {run['name']}", needs + grace_s):
+            row["detail"] = "did not fit in the budget"
+            continue
+        run_dir = folder / f"{i}_{run['name']}"
+        cmd = [sys.executable, str(repo / "run.py"), f"+stage={run['stage']}", *run["overrides"],
+               f"stage.name={run['name']}", f"hydra.run.dir={run_dir}", *bench.common_overrides(),
+               *bench.stage_overrides(sized_by)]
+        log = f"candidate_{run['name']}.log"
+        code, _ = bench.run(f"candidate {run['name']}", cmd, log, bench.left() - table_reserve_s - grace_s)
+        summary = run_dir / "summary.json"
+        if code == 2 and not summary.is_file():
+            row.update(status="refused", detail=refusal(bench.out / log))
+        elif summary.is_file():
+            s = json.loads(summary.read_text())
+            row.update(status=s.get("status"), detail=(s.get("error") or "")[:200],
+                       ms_per_step=s.get("ms_per_step"), tokens_per_sec=s.get("tokens_per_sec"))
+        else:
+            row.update(status="failed" if code is not None else "timed out", detail=f"see {log}")
+    (bench.out / "candidates.json").write_text(json.dumps(rows, indent=2) + "\n")
+    ran = [r for r in rows if r["status"] not in ("skipped",)]
+    bad = [r for r in rows if r["status"] not in ("ok", "refused", "skipped")]
+    bench.record("candidates", "partial" if bad else "ok", time.monotonic() - t0,
+                 "; ".join(f"{r['name']} {r['status']}" for r in rows) if ran or rows else "no candidates")
+
+
+def candidates_markdown(out: Path, sweep_runs: List[dict]) -> List[str]:
+    """bench.md's "Beyond the sweep" section (f-strings, for the reason peers_table.peers_markdown gives)."""
+    path = out / "candidates.json"
+    if not path.is_file():
+        return []
+    base = {r.get("stage"): r for r in sweep_runs if r.get("status") == "ok" and r.get("tokens_per_sec")}
+    lines = ["", "## Beyond the sweep, same card, same call", "",
+             "Each candidate once, beside the sweep's row of the stage it builds on (vs = tok/s over that row's).",
+             "", "| candidate | builds on | status | ms/step | tok/s | vs | detail |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for r in json.loads(path.read_text()):
+        ref = base.get(r["builds_on"])
+        ratio = (r["tokens_per_sec"] / ref["tokens_per_sec"]) if ref and r.get("tokens_per_sec") else None
+        cells = [r["name"], r["builds_on"] or "", r["status"],
+                 "" if r.get("ms_per_step") is None else f"{r['ms_per_step']:.1f}",
+                 "" if r.get("tokens_per_sec") is None else f"{r['tokens_per_sec']:,.0f}",
+                 "" if ratio is None else f"{ratio:.3f}x", r["detail"].replace("|", "\\|")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

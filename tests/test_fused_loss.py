@@ -10,6 +10,8 @@ Tolerances (CPU):
   in fp32, so they differ by a bf16 rounding (2^-8) of the entries.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +107,31 @@ def test_a_second_backward_through_the_same_graph_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):  # the saved gradients were scaled in place
         loss.backward()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_without_gradients_the_same_loss_and_no_gradient_is_made(monkeypatch, autocast):
+    """Under torch.no_grad (validation) the loss alone: equal to the training path's and to cross_entropy, and
+    the Function that makes grad_x and grad_W in its forward is not called."""
+    import gpt2.model.fused_loss as fused_loss
+
+    x, w, y = inputs(101)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    with ctx():
+        trained = fused_linear_cross_entropy(x.clone().requires_grad_(), w.clone().requires_grad_(), y, chunk_rows=7)
+        want = reference(x, w, y)
+
+    def made_gradients(*args):
+        raise AssertionError("FusedLinearCrossEntropy (gradients in the forward pass) ran without grad")
+    monkeypatch.setattr(fused_loss.FusedLinearCrossEntropy, "apply", made_gradients)
+    with torch.no_grad(), ctx():
+        got = fused_linear_cross_entropy(x.requires_grad_(), w, y, chunk_rows=7)
+    assert got.dtype == torch.float32 and not got.requires_grad
+    torch.testing.assert_close(got, trained.detach(), rtol=1e-6 if not autocast else 1e-4, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-6 if not autocast else 1e-4, atol=0)
+    y_all_ignored = torch.full_like(y, -100)
+    with torch.no_grad():
+        assert torch.isnan(fused_linear_cross_entropy(x, w, y_all_ignored))  # as F.cross_entropy gives
 
 
 def test_default_chunk_bounds_the_logits():

@@ -9,6 +9,8 @@ per chunk of rows, the logits x_chunk @ W.T, their log-softmax in fp32, the chun
 once the gradients: dlogits = (softmax - onehot(target)) / n_valid, grad_x_chunk = dlogits @ W and
 grad_W += dlogits.T @ x_chunk (accumulated in place across chunks). Forward keeps only grad_x (N, C) and
 grad_W (V, C); backward just scales them by the incoming gradient. Peak memory is one chunk of logits.
+Where no gradient is wanted (torch.no_grad, as in validation), `chunked_loss` makes the loss alone: one matmul
+per chunk instead of three (the FP8 head keeps its one path).
 
 Numbers: the mean over targets != ignore_index of -log softmax(x @ W.T)[target], as
 F.cross_entropy(F.linear(x, W).float(), targets), in fp32 whatever the inputs' dtype. Under autocast
@@ -78,6 +80,19 @@ def chunk_loss_and_dlogits(logits: torch.Tensor, target: torch.Tensor, s: torch.
     dlogits = logp.exp_()  # softmax, in place
     dlogits.scatter_add_(1, target, torch.full_like(s, -1.0))  # - onehot(target)
     return chunk_loss, dlogits.mul_(s)
+
+
+def chunked_loss(x, weight, targets, ignore_index: int, chunk_rows: int, compute_dtype: torch.dtype) -> torch.Tensor:
+    """FusedLinearCrossEntropy's loss where no gradient is wanted (torch.no_grad: validation): one matmul per
+    chunk instead of three, and no (N, C) or (V, C) gradient buffers. The same matmul dtype and fp32 loss."""
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        xs, w = x.to(compute_dtype), weight.to(compute_dtype)
+        for start in range(0, x.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            total = total + F.cross_entropy((xs[rows] @ w.t()).float(), targets[rows], ignore_index=ignore_index,
+                                            reduction="sum")
+    return total / (targets != ignore_index).sum()  # 0/0 = nan when every target is ignored, as F.cross_entropy
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -181,6 +196,8 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: t
     else:
         compute_dtype = torch.promote_types(x.dtype, weight.dtype)
     rows = chunk_rows or chunk_rows_for(weight.size(0))
+    if not fp8 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return chunked_loss(x, weight, targets, ignore_index, rows, compute_dtype)  # validation: no gradients
     if not fp8:
         return FusedLinearCrossEntropy.apply(x, weight, targets, ignore_index, rows, compute_dtype)
     if weight.size(0) % ALIGNMENT or weight.size(1) % ALIGNMENT:

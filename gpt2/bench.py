@@ -232,11 +232,15 @@ def sweep_stage_names(sweep: str = SWEEP) -> List[str]:
 
 def composed_stages(sweep: str = SWEEP) -> List[dict]:
     """The sweep's stages in order, with what each composes to: the settings the bench sizes runs by."""
+    return composed(sweep_stage_names(sweep))
+
+
+def composed(names: List[str]) -> List[dict]:
+    """These stages with what each composes to (compile, total and micro batch): what a run is sized by."""
     from hydra import compose, initialize_config_dir
 
     from gpt2.runs import job  # noqa: F401  (registers the schema and resolvers)
 
-    names = sweep_stage_names(sweep)
     stages = []
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for name in names:
@@ -335,7 +339,7 @@ def main(argv=None) -> int:
         stages = composed_stages(args.sweep)
         bench.tests()
         sweep_folder = bench.sweep(stages)
-        run_candidates(bench, stages, REPO, GRACE_S, TABLE_RESERVE_S)
+        run_candidates(bench, stages, composed, REPO, GRACE_S, TABLE_RESERVE_S)
         run_peers(bench, llmc, fastest_run(read_runs(sweep_folder)))
         bench.scan(stages, sweep_folder)
     except KeyboardInterrupt:

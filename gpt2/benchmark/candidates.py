@@ -40,19 +40,21 @@ def refusal(log: Path) -> str:
     return lines[-1].removeprefix("error: ") if lines else "refused before the start (see the log)"
 
 
-def run_candidates(bench, stages: List[dict], repo: Path, grace_s: float, table_reserve_s: float) -> None:
-    """The phase: each candidate as one run into DIR/candidates/<i>_<name>/, under what the budget leaves."""
-    by_name = {s["name"]: s for s in stages}
+def run_candidates(bench, stages: List[dict], compose, repo: Path, grace_s: float, table_reserve_s: float) -> None:
+    """The phase: each candidate as one run into DIR/candidates/<i>_<name>/, under what the budget leaves.
+    stages: the sweep's, composed; compose: names -> the same for the candidates' own stages (their sizes)."""
+    runs = candidate_runs(repo / "conf", [s["name"] for s in stages])
+    sizes = {s["name"]: s for s in compose(sorted({run["stage"] for run in runs}))}
     folder = bench.out / "candidates"
     folder.mkdir(exist_ok=True)
     t0, rows = time.monotonic(), []
-    for i, run in enumerate(candidate_runs(repo / "conf", list(by_name))):
+    for i, run in enumerate(runs):
         row = {"name": run["name"], "builds_on": run["builds_on"], "status": "skipped", "detail": ""}
         rows.append(row)
         if run["overrides"] and bench.smoke:  # the options are torch.compile's, and --smoke runs without it
             row["detail"] = "--smoke runs without torch.compile"
             continue
-        sized_by = by_name.get(run["builds_on"], {"compile": True, "total_batch_size": None})
+        sized_by = sizes[run["stage"]]
         needs = 20 if bench.smoke else (90 if sized_by["compile"] else 40)
         if not bench.fits(f"candidate {run['name']}", needs + grace_s):
             row["detail"] = "did not fit in the budget"
@@ -73,10 +75,9 @@ def run_candidates(bench, stages: List[dict], repo: Path, grace_s: float, table_
         else:
             row.update(status="failed" if code is not None else "timed out", detail=f"see {log}")
     (bench.out / "candidates.json").write_text(json.dumps(rows, indent=2) + "\n")
-    ran = [r for r in rows if r["status"] not in ("skipped",)]
     bad = [r for r in rows if r["status"] not in ("ok", "refused", "skipped")]
     bench.record("candidates", "partial" if bad else "ok", time.monotonic() - t0,
-                 "; ".join(f"{r['name']} {r['status']}" for r in rows) if ran or rows else "no candidates")
+                 "; ".join(f"{r['name']} {r['status']}" for r in rows) or "no candidates")
 
 
 def candidates_markdown(out: Path, sweep_runs: List[dict]) -> List[str]:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from gpt2.benchmark.candidates import candidates_markdown, run_candidates
+from gpt2.benchmark.candidates import FULL_SWEEP, candidates_markdown, run_candidates
 from gpt2.benchmark.env import environment_facts
 from gpt2.errors import UsageError, print_error
 from gpt2.benchmark.peers import check_llmc_dir, run_peers
@@ -42,7 +42,7 @@ from gpt2.benchmark.peers_table import fastest_run, peers_table
 from gpt2.benchmark.time_limit import wait_within
 
 REPO = Path(__file__).resolve().parents[1]  # run.py, conf/ and tests/ sit beside the package
-SWEEP = "speedup_full"
+SWEEP = FULL_SWEEP  # the default: every stage, the rows the candidates are compared with
 GRACE_S = 60  # after SIGTERM a run finishes its step (a compile can be in flight), then it is killed
 TABLE_RESERVE_S = 10  # bench.md at the end
 SCAN_BATCH_SIZES = (16, 32, 64, 128)

@@ -185,3 +185,73 @@ def test_a_refused_candidate_reads_its_one_line(tmp_path):
     assert refusal(log) == "model.attention=flash4 (stage flash4) needs FlashAttention-4, but x"
     log.write_text("Traceback ...\n")
     assert refusal(log) == "refused before the start (see the log)"
+
+
+class FakeBench:
+    """What run_candidates uses of Bench: each run `refused` (exit 2, one error line), as on a card without it."""
+
+    def __init__(self, out, sweep_name="speedup_full"):
+        self.out, self.sweep_name, self.smoke, self.phases, self.limits = out, sweep_name, False, [], []
+
+    def record(self, phase, status, seconds=0, detail=""):
+        self.phases.append((phase, status, detail))
+
+    def fits(self, phase, needs_s):
+        return True
+
+    def left(self):
+        return 10_000.0
+
+    def common_overrides(self):
+        return []
+
+    def stage_overrides(self, stage):
+        return []
+
+    def run(self, phase, cmd, log_name, limit_s):
+        self.limits.append(limit_s)
+        (self.out / log_name).write_text(f"error: {cmd[2]} cannot run on this card\n")
+        return 2, 0.1
+
+
+def test_a_stage_that_does_not_compose_is_its_own_failed_row_and_the_others_run(tmp_path):
+    from gpt2.benchmark.candidates import LIMIT_FACTOR, run_candidates
+
+    def compose(names):
+        if names == ["fp8-head"]:
+            raise ValueError("Could not override 'model.los'\nmore lines")
+        return [{"name": n, "compile": True, "total_batch_size": 524288, "batch_size": 64} for n in names]
+
+    bench = FakeBench(tmp_path)
+    stages = [{"name": n} for n in STAGES]
+    run_candidates(bench, stages, compose, REPO, grace_s=60, table_reserve_s=10)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "candidates.json").read_text())}
+    assert rows["fp8-head"]["status"] == "failed"
+    assert rows["fp8-head"]["detail"] == "conf/stage/fp8-head.yaml does not compose: Could not override 'model.los'"
+    assert rows["flash4"] == {"name": "flash4", "builds_on": "big-batch", "status": "refused",
+                              "detail": "+stage=flash4 cannot run on this card"}
+    assert bench.limits == [LIMIT_FACTOR * 90] * 2  # flash4 and big-batch_cdt, each capped, not the whole budget
+    assert bench.phases[-1][:2] == ("candidates", "partial")
+
+
+def test_another_sweep_skips_the_candidates(tmp_path):
+    from gpt2.benchmark.candidates import run_candidates
+
+    bench = FakeBench(tmp_path, sweep_name="speedup_cpu")
+    run_candidates(bench, [], lambda names: [], REPO, grace_s=60, table_reserve_s=10)
+    assert bench.phases == [("candidates", "skipped", "they run beside the rows of +sweep=speedup_full, and this "
+                                                      "bench ran +sweep=speedup_cpu")]
+    assert not (tmp_path / "candidates.json").exists()
+
+
+def test_a_candidate_built_on_another_candidate_is_compared_with_it(tmp_path):
+    from gpt2.benchmark.candidates import candidates_markdown
+
+    (tmp_path / "candidates.json").write_text(json.dumps([
+        {"name": "flash4", "builds_on": "big-batch", "status": "ok", "detail": "", "ms_per_step": 900.0,
+         "tokens_per_sec": 600.0},
+        {"name": "mine", "builds_on": "flash4", "status": "ok", "detail": "a | b", "ms_per_step": 800.0,
+         "tokens_per_sec": 660.0}]))
+    md = candidates_markdown(tmp_path, [{"stage": "big-batch", "status": "ok", "tokens_per_sec": 500.0}])
+    assert "| flash4 | big-batch | ok | 900.0 | 600 | 1.200x |  |" in md
+    assert "| mine | flash4 | ok | 800.0 | 660 | 1.100x | a \\| b |" in md

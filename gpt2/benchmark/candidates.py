@@ -18,6 +18,8 @@ from typing import List, Optional
 
 # (name, the stage it runs on, its overrides): Inductor options measured as keys, not stages (README, compile)
 OPTIONS = [("big-batch_cdt", "big-batch", ["+train.compile_options.coordinate_descent_tuning=true"])]
+FULL_SWEEP = "speedup_full"  # the sweep whose rows the candidates are compared with (every stage, at its sizes)
+LIMIT_FACTOR = 3  # a candidate's time limit: this many times what it should need
 
 
 def builds_on(conf: Path, stage: str) -> Optional[str]:
@@ -42,42 +44,52 @@ def refusal(log: Path) -> str:
 
 def run_candidates(bench, stages: List[dict], compose, repo: Path, grace_s: float, table_reserve_s: float) -> None:
     """The phase: each candidate as one run into DIR/candidates/<i>_<name>/, under what the budget leaves.
-    stages: the sweep's, composed; compose: names -> the same for the candidates' own stages (their sizes)."""
-    runs = candidate_runs(repo / "conf", [s["name"] for s in stages])
-    sizes = {s["name"]: s for s in compose(sorted({run["stage"] for run in runs}))}
+    stages: the sweep's, composed; compose: names -> the same for a candidate's own stage (its sizes)."""
+    if bench.sweep_name != FULL_SWEEP:  # another sweep may set its own sizes (speedup_cpu): no like-for-like row
+        bench.record("candidates", "skipped", 0, f"they run beside the rows of +sweep={FULL_SWEEP}, and this bench "
+                                                 f"ran +sweep={bench.sweep_name}")
+        return
     folder = bench.out / "candidates"
     folder.mkdir(exist_ok=True)
     t0, rows = time.monotonic(), []
-    for i, run in enumerate(runs):
-        row = {"name": run["name"], "builds_on": run["builds_on"], "status": "skipped", "detail": ""}
-        rows.append(row)
-        if run["overrides"] and bench.smoke:  # the options are torch.compile's, and --smoke runs without it
-            row["detail"] = "--smoke runs without torch.compile"
-            continue
-        sized_by = sizes[run["stage"]]
-        needs = 20 if bench.smoke else (90 if sized_by["compile"] else 40)
-        if not bench.fits(f"candidate {run['name']}", needs + grace_s):
-            row["detail"] = "did not fit in the budget"
-            continue
-        run_dir = folder / f"{i}_{run['name']}"
-        cmd = [sys.executable, str(repo / "run.py"), f"+stage={run['stage']}", *run["overrides"],
-               f"stage.name={run['name']}", f"hydra.run.dir={run_dir}", *bench.common_overrides(),
-               *bench.stage_overrides(sized_by)]
-        log = f"candidate_{run['name']}.log"
-        code, _ = bench.run(f"candidate {run['name']}", cmd, log, bench.left() - table_reserve_s - grace_s)
-        summary = run_dir / "summary.json"
-        if code == 2 and not summary.is_file():
-            row.update(status="refused", detail=refusal(bench.out / log))
-        elif summary.is_file():
-            s = json.loads(summary.read_text())
-            row.update(status=s.get("status"), detail=(s.get("error") or "")[:200],
-                       ms_per_step=s.get("ms_per_step"), tokens_per_sec=s.get("tokens_per_sec"))
-        else:
-            row.update(status="failed" if code is not None else "timed out", detail=f"see {log}")
+    for i, run in enumerate(candidate_runs(repo / "conf", [s["name"] for s in stages])):
+        rows.append(_run_one(bench, folder, i, run, compose, repo, grace_s, table_reserve_s))
     (bench.out / "candidates.json").write_text(json.dumps(rows, indent=2) + "\n")
     bad = [r for r in rows if r["status"] not in ("ok", "refused", "skipped")]
     bench.record("candidates", "partial" if bad else "ok", time.monotonic() - t0,
                  "; ".join(f"{r['name']} {r['status']}" for r in rows) or "no candidates")
+
+
+def _run_one(bench, folder: Path, i: int, run: dict, compose, repo: Path, grace_s: float,
+             table_reserve_s: float) -> dict:
+    """One candidate's row: skipped, refused (with the reason), or what its summary.json says."""
+    row = {"name": run["name"], "builds_on": run["builds_on"], "status": "skipped", "detail": ""}
+    if run["overrides"] and bench.smoke:  # the options are torch.compile's, and --smoke runs without it
+        return {**row, "detail": "--smoke runs without torch.compile"}
+    try:
+        (sizes,) = compose([run["stage"]])
+    except Exception as e:  # a stage file of the user's that does not compose: its row says so, the rest run
+        return {**row, "status": "failed", "detail": f"conf/stage/{run['stage']}.yaml does not compose: "
+                                                     + (str(e).strip().splitlines() or [type(e).__name__])[0][:200]}
+    needs = 20 if bench.smoke else (90 if sizes["compile"] else 40)
+    if not bench.fits(f"candidate {run['name']}", needs + grace_s):
+        return {**row, "detail": "did not fit in the budget"}
+    run_dir = folder / f"{i}_{run['name']}"
+    cmd = [sys.executable, str(repo / "run.py"), f"+stage={run['stage']}", *run["overrides"],
+           f"stage.name={run['name']}", f"hydra.run.dir={run_dir}", *bench.common_overrides(),
+           *bench.stage_overrides(sizes)]
+    log = f"candidate_{run['name']}.log"
+    # at most a few times what it should need: a candidate that hangs (a kernel's JIT) leaves the peers their time
+    limit = min(bench.left() - table_reserve_s - grace_s, LIMIT_FACTOR * needs)
+    code, _ = bench.run(f"candidate {run['name']}", cmd, log, limit)
+    summary = run_dir / "summary.json"
+    if code == 2 and not summary.is_file():
+        return {**row, "status": "refused", "detail": refusal(bench.out / log)}
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        return {**row, "status": s.get("status"), "detail": (s.get("error") or "")[:200],
+                "ms_per_step": s.get("ms_per_step"), "tokens_per_sec": s.get("tokens_per_sec")}
+    return {**row, "status": "failed" if code is not None else "timed out", "detail": f"see {log}"}
 
 
 def candidates_markdown(out: Path, sweep_runs: List[dict]) -> List[str]:
@@ -90,7 +102,10 @@ def candidates_markdown(out: Path, sweep_runs: List[dict]) -> List[str]:
              "Each candidate once, beside the sweep's row of the stage it builds on (vs = tok/s over that row's).",
              "", "| candidate | builds on | status | ms/step | tok/s | vs | detail |",
              "| --- | --- | --- | ---: | ---: | ---: | --- |"]
-    for r in json.loads(path.read_text()):
+    rows = json.loads(path.read_text())
+    base.update({r["name"]: r for r in rows if r["status"] == "ok" and r.get("tokens_per_sec")
+                 and r["name"] not in base})  # a stage built on another candidate (a user's own on flash4)
+    for r in rows:
         ref = base.get(r["builds_on"])
         ratio = (r["tokens_per_sec"] / ref["tokens_per_sec"]) if ref and r.get("tokens_per_sec") else None
         cells = [r["name"], r["builds_on"] or "", r["status"],

@@ -12,7 +12,6 @@ itself advises for torch.compile. The package is a pre-release on PyPI: `pip ins
 """
 
 import functools
-import importlib.util
 from typing import Optional
 
 import torch
@@ -35,11 +34,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out[0] if isinstance(out, tuple) else out  # (out, lse) in the betas that return the log-sum-exp
 
 
-def installed() -> bool:
+def import_problem() -> Optional[str]:
+    """Why `flash_attn.cute` does not import here (absent, or present without what it needs: nvidia-cutlass-dsl,
+    cuda-python; a broken FlashAttention-2 beside it), or None. Imported for real, as the first forward would."""
     try:
-        return importlib.util.find_spec("flash_attn.cute") is not None
-    except ModuleNotFoundError:  # no flash_attn at all
-        return False
+        import flash_attn.cute  # noqa: F401
+    except Exception as e:  # ImportError, or whatever a broken install raises while it loads
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return None
 
 
 def unsupported_reason(device: torch.device, autocast_dtype: str, head_size: int) -> Optional[str]:
@@ -54,6 +56,7 @@ def unsupported_reason(device: torch.device, autocast_dtype: str, head_size: int
         return f"its kernels take bf16 or fp16, and train.autocast_dtype is {autocast_dtype}"
     if head_size % HEAD_SIZE_MULTIPLE:
         return f"the head size n_embd/n_head = {head_size} is not a multiple of {HEAD_SIZE_MULTIPLE}"
-    if not installed():
-        return f"the flash-attn-4 package is not installed ({INSTALL})"
+    problem = import_problem()
+    if problem:
+        return f"flash_attn.cute does not import ({problem}): {INSTALL}"
     return None

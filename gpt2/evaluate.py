@@ -6,13 +6,17 @@
     python -m gpt2.evaluate harness --init RUN --tasks hellaswag,arc_easy     # lm-evaluation-harness: RUN/harness.json
 
 hellaswag prints acc and acc_norm and writes them, with n and the settings, to --out as JSON. harness runs
-EleutherAI's lm-evaluation-harness (the `eval` extra) on the run's model (gpt2/evaluation/harness.py).
+EleutherAI's lm-evaluation-harness (the `eval` extra) on the run's model, exported to a temporary Hugging Face
+folder (gpt2/evaluation/harness.py), and writes RUN/harness.json (or --out): per task acc and acc_norm, rows,
+the lm-eval version and the command, beside the run's own HellaSwag figures.
 """
 
 import argparse
 import contextlib
 import json
+import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +26,10 @@ from gpt2.evaluation import harness
 from gpt2.evaluation import hellaswag
 from gpt2.training.devices import pick_device
 from gpt2.errors import UsageError, command
+from gpt2.files import atomic_write_bytes
+from gpt2.runs.hf_folder import export_model, read_summary
 from gpt2.runs.loading import describe, load_model
+from gpt2.training.checkpoint import CHECKPOINT_NAME
 
 
 def run_hellaswag(init: str, data=None, limit=None, device="auto", dtype="fp32", batch_examples: int = 4,
@@ -42,6 +49,67 @@ def run_hellaswag(init: str, data=None, limit=None, device="auto", dtype="fp32",
     return {"task": "hellaswag", **result, "init": init, "model": describe(info), "data": str(data_path),
             "device": str(device), "dtype": dtype, "seconds": round(time.perf_counter() - start, 2),
             "published": hellaswag.PUBLISHED}
+
+
+def run_harness(init: str, tasks: list, include_path=None, limit=None, device="auto", batch_size: int = 8,
+                log_samples: bool = False, command: str = None):
+    """(our result dict, lm-eval's per-row samples or None) of lm-eval's `tasks` on `init`'s model."""
+    harness.require_lm_eval()  # the extra's absence said before the model is loaded
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit={limit} must be positive (or left out for every row)")
+    device = pick_device(device, "--device")
+    manager = harness.task_manager(tasks, include_path)
+    model, info = load_model(init, "--init")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpt2-harness-") as tmp:
+        folder = export_model(model, info, Path(tmp) / "model")
+        del model  # lm-eval loads its own copy from the folder
+        figures, version, samples = harness.evaluate_folder(folder, tasks, manager, device, batch_size, limit,
+                                                            log_samples)
+    result = {"harness": "lm-evaluation-harness", "lm_eval_version": version, "tasks": figures,
+              "ours": harness.ours_beside(read_summary(info), tasks), "init": init, "model": describe(info),
+              "device": str(device), "batch_size": batch_size, "limit": limit, "command": command,
+              "seconds": round(time.perf_counter() - start, 2)}
+    return result, samples
+
+
+def harness_out(init: str):
+    """RUN/harness.json for a run of ours (its folder, or its checkpoint's), else None."""
+    path = Path(init).expanduser()
+    folder = path if path.is_dir() else path.parent
+    return folder / "harness.json" if (folder / CHECKPOINT_NAME).is_file() else None
+
+
+def typed_command(argv: list) -> str:
+    """The command as typed: the installed script by its name, else `python -m gpt2.evaluate`."""
+    script = Path(sys.argv[0]).name
+    prefix = [script] if script == "gpt2-evaluate" else ["python", "-m", "gpt2.evaluate"]
+    return shlex.join(prefix + list(argv))
+
+
+def harness_main(args, argv: list) -> int:
+    """The `harness` subcommand."""
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    if not all(tasks):
+        raise UsageError(f"--tasks {args.tasks!r}: give task names separated by commas (e.g. hellaswag,arc_easy)")
+    if args.batch < 1:
+        raise UsageError(f"--batch={args.batch} must be positive")
+    out = Path(args.out).expanduser() if args.out else harness_out(args.init)
+    result, _ = run_harness(args.init, tasks, args.include_path, args.limit, args.device, args.batch,
+                            command=typed_command(argv))
+    for task, figures in result["tasks"].items():
+        line = f"harness {task}: {figures['n']} rows" + "".join(
+            f" | {k} {figures[k]:.4f}" for k in ("acc", "acc_norm") if isinstance(figures.get(k), float))
+        mine = result["ours"].get(task)
+        if mine:
+            line += f" (ours, {harness.OURS}: acc_norm {mine['acc_norm']:.4f} on {mine['n']} rows)"
+        print(line)
+    if out is None:
+        print("(not written: the model is not a run of ours; give --out FILE)", file=sys.stderr)
+        return 0
+    atomic_write_bytes(out, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    print(f"wrote {out}")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +140,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     if args.task == "harness":
-        return harness.main(args, argv)
+        return harness_main(args, argv)
     if args.batch < 1:
         raise UsageError(f"--batch={args.batch} must be positive")
     result = run_hellaswag(args.init, args.data, args.limit, args.device, args.dtype, args.batch,

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from gpt2 import evaluate as evaluate_cmd
-from gpt2.evaluation import harness
 from gpt2.evaluation import hellaswag
 from helpers import tiny_run
 
@@ -79,7 +78,8 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scored(run, tasks):
-    return harness.run_harness(str(run[0]), ["hellaswag"], tasks, device="cpu", batch_size=4, log_samples=True)
+    return evaluate_cmd.run_harness(str(run[0]), ["hellaswag"], tasks, device="cpu", batch_size=4,
+                                    log_samples=True)
 
 
 def test_lm_evals_log_probabilities_are_ours_and_its_acc_is_our_acc(run, scored):

@@ -92,6 +92,30 @@ def test_the_shared_ground_imports_only_itself():
     assert {m: d for m, d in found.items() if d} == {}
 
 
+# the layers, lowest first: a module imports only modules of its own layer or below. The ground is gpt2/*.py
+# besides the commands; the report sits below runs/ (a sweep's end builds it); the top holds the commands and
+# the parts only they use (serving/, benchmark/).
+LAYERS = ["ground", "gpt2.model", "gpt2.data", "gpt2.evaluation", "gpt2.training", "gpt2.reporting", "gpt2.runs",
+          "top"]
+
+
+def layer(module: str) -> int:
+    if module in COMMANDS or module.split(".")[:2] in (["gpt2", "serving"], ["gpt2", "benchmark"]):
+        return LAYERS.index("top")
+    package = ".".join(module.split(".")[:2])
+    return LAYERS.index(package) if package in LAYERS else LAYERS.index("ground")
+
+
+def upward_imports() -> dict:
+    up = {m: sorted(d for d in imports(p) if d in MODULES and layer(d) > layer(m)) for m, p in MODULES.items()}
+    return {m: d for m, d in up.items() if d}
+
+
+def test_every_import_runs_down_the_layers():
+    assert upward_imports() == {}
+    assert layer("gpt2.config") < layer("gpt2.model.gpt") < layer("gpt2.training.loop") < layer("gpt2.report")
+
+
 def test_the_rules_see_an_import_that_breaks_them(tmp_path, monkeypatch):
     bad = tmp_path / "gpt2" / "model" / "bad.py"
     bad.parent.mkdir(parents=True)
@@ -99,6 +123,7 @@ def test_the_rules_see_an_import_that_breaks_them(tmp_path, monkeypatch):
                    "    from gpt2.training.loop import train\n    from gpt2 import report\n")
     monkeypatch.setitem(MODULES, "gpt2.model.bad", bad)
     assert offenders("gpt2.model", ["gpt2.training"]) == {"gpt2.model.bad": ["gpt2.training.loop"]}
+    assert upward_imports() == {"gpt2.model.bad": ["gpt2.report", "gpt2.training.loop"]}
     assert "gpt2.report" in imports(bad) and "torch" in imports(bad)
     assert circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert circle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None

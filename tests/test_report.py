@@ -630,3 +630,25 @@ def test_one_command_with_backticks_gets_a_longer_fence(tmp_path):
     make_run(folder, "0_baseline", "baseline", 100.0, command="echo ```` done")
     md = build_report([folder])["md"].read_text()
     assert "Command:\n\n`````\necho ```` done\n`````\n" in md
+
+
+def test_runs_of_one_stage_with_inductor_options_are_told_apart(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_big-batch", "big-batch", 100.0)
+    make_run(folder, "1_big-batch", "big-batch", 110.0, effective={
+        "attention": "flash", "compile_options": {"epilogue_fusion": False, "coordinate_descent_tuning": True}})
+    md = squash(build_report([folder])["md"].read_text())
+    assert "(Inductor:" not in line(md, "| 0 | big-batch")
+    assert "| what big-batch adds (Inductor: coordinate_descent_tuning=True, epilogue_fusion=False) |" in line(
+        md, "| 1 | big-batch")
+    header = (folder / "report.csv").read_text().splitlines()[0].split(",")
+    assert header == CSV_COLUMNS  # the options live in the row's text, not in a new CSV column
+
+
+def test_compile_options_of_another_shape_make_the_row_unreadable(tmp_path):
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_big-batch", "big-batch", 100.0, effective={"compile_options": ["coordinate_descent"]})
+    make_run(folder, "1_big-batch", "big-batch", 100.0, effective="flash")  # no map at all: nothing to show
+    df = load_runs(folder)
+    assert df["status"].tolist() == ['unreadable: effective.compile_options=["coordinate_descent"] is not a map of '
+                                     'Inductor option names to values', "ok"]

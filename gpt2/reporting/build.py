@@ -20,7 +20,8 @@ Rules a reader can check:
   "(measured peak)" and never charted: a peak timed once under load is no yardstick.
 - "adds" is the stage's own text; where the run's effective setting differs from a figure it names
   (tokens per step, micro-batch B), e.g. a CPU sweep's grad-accum shrunk by sweep.stage_overrides, the cell
-  says what ran: "(ran: 16,384 tokens/step, 32 micro-steps)".
+  says what ran: "(ran: 16,384 tokens/step, 32 micro-steps)"; a run with train.compile_options says them:
+  "(Inductor: coordinate_descent_tuning=True)".
 - Evaluations: `val loss` is a run's last validation (its summary's, else metrics.jsonl's last row). Where some
   run validated more than once, `val loss (best)` (the lowest) follows; where some run ran HellaSwag, its acc_norm,
   last and best (highest); report.csv then gains EVAL_COLUMNS, and the chart a panel for each. GPT-2 124M's
@@ -61,6 +62,9 @@ HEADER_FIELDS = [("device", "device"), ("torch", "torch_version"), ("CUDA", "cud
                  ("MFU peak source", "mfu_peak_source"), ("peak memory", "peak_mem_kind")]
 
 
+READ_BESIDE = ["hellaswag_acc_norm", "compile_options"]  # read for the table and the evaluations, not in report.csv
+
+
 def _row(d: Path, folder: Path) -> dict:
     """The report's fields of one run folder; a run without a usable summary keeps only its stage and status."""
     job, stage = report_input.job_and_stage(d, d != folder)
@@ -68,7 +72,7 @@ def _row(d: Path, folder: Path) -> dict:
     if summary is None:
         summary = {"stage": stage, "status": f"unreadable: {problem}" if problem else "incomplete",
                    "error": None if problem else "no summary.json (process killed?)"}
-    row = {k: summary.get(k) for k in FIELDS + ["hellaswag_acc_norm"]}
+    row = {k: summary.get(k) for k in FIELDS + READ_BESIDE}
     row["job"] = job if job is not None else summary.get("job_num")
     row["stage"] = row["stage"] or stage
     if row["status"] in (None, "running"):
@@ -91,7 +95,7 @@ def load_runs(folder) -> pd.DataFrame:
     if not rows:
         raise UsageError(f"report: no runs under {folder} (expected summary.json in it or in its sub-folders)")
     # object columns keep Python's ints exact until they become Int64 below (a float64 column would round them)
-    df = pd.DataFrame(rows, columns=["job"] + FIELDS + ["hellaswag_acc_norm", "path"], dtype=object)
+    df = pd.DataFrame(rows, columns=["job"] + FIELDS + READ_BESIDE + ["path"], dtype=object)
     df["_order"] = pd.to_numeric(df["job"], errors="coerce").fillna(math.inf)
     df = df.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
     for col in NUMERIC + ["hellaswag_acc_norm"]:  # report_input checked every value: ints fit int64, floats

@@ -50,10 +50,13 @@ def mem_cell(v):
 
 
 def adds_cell(r) -> str:
-    """The stage's own text, plus what ran where the run differs from a figure it names."""
+    """The stage's own text, plus what ran where the run differs from a figure it names, and the Inductor
+    options it ran with (train.compile_options): two runs of one stage are told apart by them."""
     facts = [None if missing(r[c]) else int(r[c])
              for c in ("tokens_per_step", "grad_accum_steps", "world_size", "batch_size")]
-    return " ".join(x for x in (fmt(r["adds"]), rules.adds_ran(fmt(r["adds"]), *facts)) if x)
+    options = r.get("compile_options")
+    inductor = "" if missing(options) else f"(Inductor: {options})"
+    return " ".join(x for x in (fmt(r["adds"]), rules.adds_ran(fmt(r["adds"]), *facts), inductor) if x)
 
 
 def noise_cell(r) -> str:

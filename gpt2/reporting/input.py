@@ -80,14 +80,29 @@ def _text(key, value):
     return value
 
 
+def inductor_options(summary: dict):
+    """The run's effective.compile_options as one text, `name=value, ...` by name; None where it had none (the
+    Inductor defaults). Another shape than names to plain values is Unreadable, as a field of the wrong type."""
+    effective = summary.get("effective")
+    options = effective.get("compile_options") if isinstance(effective, dict) else None
+    if not options:
+        return None
+    if not isinstance(options, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in options.items()):
+        raise Unreadable(f"effective.compile_options={_shown(options)} is not a map of Inductor option names to "
+                         "values")
+    return ", ".join(f"{name}={value}" for name, value in sorted(options.items()))
+
+
 def checked(summary: dict) -> dict:
-    """The report's fields of a parsed summary, each None or of its type (ints, floats, str); Unreadable
-    names the first field that is not."""
+    """The report's fields of a parsed summary, each None or of its type (ints, floats, str), and the Inductor
+    options it ran with; Unreadable names the first field that is not."""
     out = {}
     for keys, convert in ((TEXT, _text), (INTEGER, _integer), (FLOAT, _float)):
         for key in keys:
             value = summary.get(key)
             out[key] = None if value is None else convert(key, value)
+    out["compile_options"] = inductor_options(summary)
     return out
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from gpt2.benchmark.candidates import FULL_SWEEP, candidates_markdown, run_candidates
+from gpt2.benchmark.candidates import FULL_SWEEP, candidates_markdown, first_default, run_candidates
 from gpt2.benchmark.env import environment_facts
 from gpt2.errors import UsageError, print_error
 from gpt2.benchmark.peers import check_llmc_dir, run_peers
@@ -220,14 +220,14 @@ class Bench:
 
 def sweep_stage_names(sweep: str = SWEEP) -> List[str]:
     """The stages conf/sweep/<sweep>.yaml runs, in its order (its `+stage: a,b,c` sweeper parameter)."""
-    text = (REPO / "conf" / "sweep" / f"{sweep}.yaml").read_text()
-    stages = re.search(r"\+stage:\s*(\S+)", text)
+    path = REPO / "conf" / "sweep" / f"{sweep}.yaml"
+    stages = re.search(r"\+stage:\s*(\S+)", path.read_text())
     if stages:
         return stages.group(1).split(",")
-    parent = re.search(r"^defaults:\s*\n\s*-\s*(\S+)", text, re.M)  # a sweep built on another (speedup_cpu)
+    parent = first_default(path)  # a sweep built on another (speedup_cpu)
     if not parent:
         raise ValueError(f"conf/sweep/{sweep}.yaml names no stages (+stage: a,b,c) and builds on no other sweep")
-    return sweep_stage_names(parent.group(1))
+    return sweep_stage_names(parent)
 
 
 def composed_stages(sweep: str = SWEEP) -> List[dict]:

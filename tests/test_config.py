@@ -1,6 +1,5 @@
 """Composing the configs: stages accumulate, command-line overrides win, typos and bad types are refused."""
 
-import re
 import shutil
 
 import pytest
@@ -8,15 +7,14 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import gpt2.runs.job
-from gpt2.bench import sweep_stage_names as sweep_stages  # the stages a sweep config runs, in its order
+from gpt2.bench import sweep_stage_names as sweep_stages
+from gpt2.benchmark.candidates import builds_on  # the stages a sweep config runs, in its order
 from helpers import CONF, REPO, STAGES, compose_with
 
 
 def parent_stage(name: str):
     """The stage a stage file builds on (the first entry of its defaults list), or None for the baseline."""
-    text = (CONF / "stage" / f"{name}.yaml").read_text()
-    match = re.search(r"^defaults:\s*\n\s*-\s*(\S+)", text, re.M)
-    return match.group(1) if match else None
+    return builds_on(CONF, name)
 
 
 # what each stage adds, as (key, value) pairs; a stage must also carry everything before it

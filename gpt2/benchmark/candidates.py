@@ -22,10 +22,15 @@ FULL_SWEEP = "speedup_full"  # the sweep whose rows the candidates are compared 
 LIMIT_FACTOR = 3  # a candidate's time limit: this many times what it should need
 
 
-def builds_on(conf: Path, stage: str) -> Optional[str]:
-    """The stage a stage file builds on: the first entry of its defaults list (None for the baseline)."""
-    match = re.search(r"^defaults:\s*\n\s*-\s*(\S+)", (conf / "stage" / f"{stage}.yaml").read_text(), re.M)
+def first_default(config_file: Path) -> Optional[str]:
+    """The first entry of a config file's defaults list: the stage a stage builds on, the sweep a sweep does."""
+    match = re.search(r"^defaults:\s*\n\s*-\s*(\S+)", config_file.read_text(), re.M)
     return match.group(1) if match else None
+
+
+def builds_on(conf: Path, stage: str) -> Optional[str]:
+    """The stage a stage file builds on (None for the baseline)."""
+    return first_default(conf / "stage" / f"{stage}.yaml")
 
 
 def candidate_runs(conf: Path, swept: List[str]) -> List[dict]:

@@ -196,9 +196,9 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: t
     else:
         compute_dtype = torch.promote_types(x.dtype, weight.dtype)
     rows = chunk_rows or chunk_rows_for(weight.size(0))
-    if not fp8 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return chunked_loss(x, weight, targets, ignore_index, rows, compute_dtype)  # validation: no gradients
     if not fp8:
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return chunked_loss(x, weight, targets, ignore_index, rows, compute_dtype)  # validation: no gradients
         return FusedLinearCrossEntropy.apply(x, weight, targets, ignore_index, rows, compute_dtype)
     if weight.size(0) % ALIGNMENT or weight.size(1) % ALIGNMENT:
         raise ValueError(f"FP8 matmuls need the vocabulary ({weight.size(0)}) and the width ({weight.size(1)}) "
